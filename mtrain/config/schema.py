@@ -1,0 +1,160 @@
+"""Structured (dataclass) schemas for every config group.
+
+The YAML files under ``configs/`` are merged onto these, so a misspelt key or a
+value of the wrong type is rejected by OmegaConf before anything runs.
+Cross-field rules live in :mod:`mtrain.config.validate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    # Dense SwiGLU layers before the MoE layers start, and their FFN width.
+    first_k_dense: int = 1
+    ffn_hidden_size: int = MISSING
+    # Multi-head Latent Attention.
+    num_heads: int = MISSING
+    q_lora_rank: int = 0  # 0: queries are not compressed
+    kv_lora_rank: int = MISSING
+    qk_nope_head_dim: int = MISSING
+    qk_rope_head_dim: int = MISSING
+    v_head_dim: int = MISSING
+    # Mixture of experts.
+    num_routed_experts: int = MISSING
+    num_shared_experts: int = 1
+    moe_ffn_hidden_size: int = MISSING
+    moe_topk: int = MISSING
+    n_group: int = 1
+    topk_group: int = 1
+    score_func: str = "sigmoid"  # sigmoid | softmax
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing; 0 disables
+    aux_loss_alpha: float = 0.0001  # sequence-wise auxiliary loss coefficient
+    # Multi-token prediction.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
+    # Norms, positions, init.
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    rope_scaling_factor: float = 1.0  # YaRN factor; 1.0: no extension
+    rope_original_max_seq_len: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 1.0
+    init_std: float = 0.006
+    # Activation recompute: none | selective | full.
+    recompute: str = "none"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    expert_tp: int = 1
+    pp: int = 1
+    # Data-parallel size; null derives it as world_size / (tp * pp).
+    dp: Optional[int] = None
+    # Rank order, fastest-varying first (Megatron's convention).
+    order: str = "tp-cp-ep-dp-pp"
+    schedule: str = "1f1b"
+    num_microbatches: int = 1
+    # Layers per model stage (length = number of model stages); null: balanced.
+    pipeline_layout: Optional[list[int]] = None
+    # Overlap one micro-batch's MoE all-to-all with another's compute.
+    overlap: bool = True
+    # Expert dispatcher: auto | local | alltoall | deepep.
+    dispatcher: str = "auto"
+    deepep_num_sms: int = 20
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class ClusterConfig:
+    # Used to plan without processes; a launched job takes its world size
+    # from the launcher instead.
+    nodes: int = 1
+    gpus_per_node: int = 4
+    # Peak dense bf16 TFLOP/s of one device, for MFU (null: unknown).
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    micro_batch_size: int = 2
+    seed: int = 1234
+    dtype: str = "fp32"  # fp32 | bf16 (bf16 compute with fp32 master weights)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 2
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    zero1: bool = True
+    max_bad_steps: int = 3  # consecutive NaN/Inf steps before aborting
+    collective_timeout_s: float = 300.0
+
+
+@dataclass
+class DataConfig:
+    # Prefix of an indexed dataset (<prefix>.bin / <prefix>.idx); null: the
+    # built-in demo corpus.
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    seq_len: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    progress: bool = True
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "mtrain"
+    wandb_entity: Optional[str] = None
+    tensorboard: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # null: <run_dir>/checkpoints
+    interval: int = 10
+    keep_last: int = 2
+    async_save: bool = False
+    resume: str = "latest"  # latest | none | <path>
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = "runs/default"
+    output: str = "text"  # mtrain-plan: text | json
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra as ``base_config`` (used by configs/config.yaml)."""
+    ConfigStore.instance().store(name="base_config", node=Config)

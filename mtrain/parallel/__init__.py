@@ -1,0 +1,1 @@
+"""Rank layout (pure math), process groups and point-to-point helpers."""

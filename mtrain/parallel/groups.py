@@ -1,0 +1,74 @@
+"""torch.distributed process groups created from the pure layout."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from mtrain.parallel.env import DistEnv, detect_env
+from mtrain.parallel.layout import Layout
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 300.0, env: DistEnv | None = None) -> DistEnv:
+    """Initialise the default process group from torchrun or Slurm variables."""
+    env = env or detect_env()
+    if backend == "auto":
+        backend = default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return env
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's process group of every kind, plus the layout they came from."""
+
+    layout: Layout
+    rank: int
+    groups: dict = field(default_factory=dict)  # kind -> ProcessGroup holding this rank
+
+    def group(self, kind: str):
+        return self.groups[kind]
+
+    def ranks(self, kind: str) -> list[int]:
+        return self.layout.group_of(kind, self.rank)
+
+    def size(self, kind: str) -> int:
+        return len(self.ranks(kind))
+
+    def index(self, kind: str) -> int:
+        """This rank's position inside its group of ``kind``."""
+        return self.ranks(kind).index(self.rank)
+
+
+def create_groups(layout: Layout, timeout_s: float = 300.0, backend: str | None = None) -> ParallelGroups:
+    """Create every group of the layout. Every rank must call this (collective)."""
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(
+            f"the layout is for {layout.world_size} ranks but {dist.get_world_size()} were launched"
+        )
+    rank = dist.get_rank()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    out = ParallelGroups(layout=layout, rank=rank)
+    for kind in sorted(layout.groups):
+        # Same kinds in the same order on every rank: new_group is collective.
+        mine, _ = dist.new_subgroups_by_enumeration(layout.groups[kind], timeout=timeout, backend=backend)
+        out.groups[kind] = mine
+    return out

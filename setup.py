@@ -1,0 +1,40 @@
+"""mtrain: DeepSeek-V3-style MoE training with TP/EP/DP/PP and DualPipe."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+# The Hydra tree lives in configs/ and the Triton kernels in kernels/ at the top
+# of the repository; both install as sub-packages of mtrain so that no generic
+# top-level name ("kernels", "configs") is claimed.
+
+setup(
+    name="mtrain",
+    version="0.1.0",
+    description="Train DeepSeek-V3-style Mixture-of-Experts models with TP/EP/DP/PP and DualPipe",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mtrain", "mtrain.*"]) + ["mtrain.kernels", "mtrain.configs"],
+    package_dir={"mtrain.kernels": "kernels", "mtrain.configs": "configs"},
+    package_data={"mtrain.configs": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]", "triton>=3.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mtrain-plan=mtrain.cli.plan:main",
+            "mtrain-schedule=mtrain.cli.schedule:main",
+        ],
+    },
+)

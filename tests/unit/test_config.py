@@ -1,0 +1,73 @@
+import pytest
+
+from mtrain.config import ConfigError, check_config, config_errors
+from mtrain.config.loading import load_config
+
+
+def errors_for(*overrides):
+    return config_errors(load_config(list(overrides)))
+
+
+def test_default_config_is_valid_and_composed():
+    cfg = load_config()
+    assert config_errors(cfg) == []
+    assert cfg.model.name == "tiny" and cfg.parallel.schedule == "dualpipe"
+    assert cfg.model.num_routed_experts >= 8 and cfg.model.n_group >= 2
+
+
+def test_overrides_reach_the_tree():
+    cfg = load_config(["parallel.pp=4", "parallel.schedule=dualpipev", "parallel.num_microbatches=8", "model.num_layers=8",
+                       "cluster.gpus_per_node=8", "parallel.ep=1"])
+    assert cfg.parallel.pp == 4 and cfg.parallel.schedule == "dualpipev"
+    assert config_errors(cfg) == []
+
+
+def test_schema_rejects_unknown_keys_and_bad_types():
+    with pytest.raises(Exception, match="pipline"):
+        load_config(["parallel.pipline=2"])
+    with pytest.raises(Exception, match="tp"):
+        load_config(["parallel.tp=two"])
+
+
+def test_every_problem_is_reported_at_once():
+    errors = errors_for("parallel.pp=3", "model.num_heads=5", "parallel.tp=2",
+                        "parallel.schedule=dualpipe", "parallel.num_microbatches=5")
+    text = "\n".join(errors)
+    assert "parallel.tp * parallel.pp" in text  # world 4 vs tp*pp=6
+    assert "even parallel.pp" in text
+    assert "even parallel.num_microbatches" in text
+    assert ">= 2*pp = 6" in text
+    assert "model.num_heads=5" in text and "parallel.tp=2" in text
+    assert len(errors) >= 5
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["parallel.ep=3", "model.num_routed_experts=9", "model.n_group=3", "parallel.pp=1",
+          "parallel.schedule=1f1b"], "parallel.ep * parallel.expert_tp = 3*1 = 3 must divide"),
+        (["parallel.ep=4", "cluster.gpus_per_node=8", "parallel.pp=1", "parallel.schedule=1f1b",
+          "model.num_routed_experts=6", "model.n_group=2"], "model.num_routed_experts=6 is not divisible by parallel.ep=4"),
+        (["parallel.schedule=dualpipev", "parallel.num_microbatches=3"], "dualpipev needs parallel.num_microbatches >= 2*pp = 4"),
+        (["parallel.schedule=gpipe"], "choose one of 1f1b, zb1p, dualpipe, dualpipev"),
+        (["parallel.pp=4", "cluster.gpus_per_node=8", "parallel.schedule=dualpipev", "parallel.num_microbatches=8",
+          "parallel.ep=1"], "model.num_layers=4 cannot be split over 8 pipeline stages"),
+        (["parallel.pipeline_layout=[3,2]"], "summing to model.num_layers=4"),
+        (["parallel.pipeline_layout=[4]"], "has 1 entries"),
+        (["parallel.dp=4"], "parallel.dp=4"),
+        (["model.topk_group=3"], "model.topk_group=3"),
+        (["model.recompute=some"], "model.recompute"),
+        (["parallel.dispatcher=local"], "parallel.dispatcher=local works only with parallel.ep=1"),
+    ],
+)
+def test_rule(overrides, needle):
+    errors = errors_for(*overrides)
+    assert any(needle in e for e in errors), errors
+
+
+def test_check_config_raises_with_all_errors():
+    cfg = load_config(["parallel.pp=3", "model.num_heads=3", "parallel.tp=2"])
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    assert len(info.value.errors) >= 3
+    assert "model.num_heads" in str(info.value)
