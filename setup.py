@@ -26,6 +26,7 @@ setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        "tokenizers>=0.15",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout"],

@@ -3,6 +3,8 @@ starting processes. Shared by ``mtrain-plan`` and the trainer's start-up log."""
 from __future__ import annotations
 
 from mtrain.config.validate import config_errors, planned_world_size
+from mtrain.model.partition import stage_layers, stage_roles
+from mtrain.model.stats import flops_per_token, memory_estimate, param_counts, peak_inflight_microbatches
 from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.schedule_rules import num_model_stages, param_copies, stages_of_rank
 
@@ -34,11 +36,50 @@ def make_plan(cfg, world_size: int | None = None) -> dict:
     ]
     plan["global_batch_size"] = cfg.train.micro_batch_size * p.num_microbatches * layout.dp
     plan["tokens_per_step"] = plan["global_batch_size"] * cfg.data.seq_len
+    plan.update(model_facts(cfg, world))
     return plan
 
 
+def model_facts(cfg, world_size: int) -> dict:
+    """Parameter counts, FLOPs, the layers and pieces of every model stage with
+    the pipeline ranks holding it, and the memory estimate of every pipeline rank."""
+    m, p = cfg.model, cfg.parallel
+    counts = param_counts(m)
+    num_stages = num_model_stages(p.schedule, p.pp)
+    layout = None if p.pipeline_layout is None else list(p.pipeline_layout)
+    layers = stage_layers(m.num_layers, num_stages, layout)
+    roles = stage_roles(num_stages, has_mtp=m.mtp_depth > 0)
+    held = [stages_of_rank(p.schedule, p.pp, r) for r in range(p.pp)]
+    stages = [
+        {"stage": i, "layers": layers[i], **roles[i], "pp_ranks": [r for r in range(p.pp) if i in held[r]]}
+        for i in range(num_stages)
+    ]
+    memory = []
+    for r in range(p.pp):
+        peak = peak_inflight_microbatches(p.schedule, p.pp, p.num_microbatches, r)
+        estimate = memory_estimate(cfg, [stages[i] for i in held[r]], peak, world_size)
+        memory.append({"pp_rank": r, "peak_inflight_microbatches": peak, **estimate})
+    return {
+        "model": m.name,
+        "params_total": counts["total"],
+        "params_activated": counts["activated"],
+        "params_mtp": counts["mtp"],
+        "params_breakdown": counts["breakdown"],
+        "flops_per_token": flops_per_token(m, cfg.data.seq_len),
+        "seq_len": cfg.data.seq_len,
+        "stages": stages,
+        "memory": memory,
+    }
+
+
+def _fmt_ranks(ranks: list[int], limit: int = 16) -> str:
+    if len(ranks) <= limit:
+        return str(ranks)
+    return f"[{', '.join(map(str, ranks[:limit // 2]))}, ..., {ranks[-1]}] ({len(ranks)} ranks)"
+
+
 def _fmt_groups(groups: list[list[int]], limit: int = 8) -> str:
-    shown = ", ".join(str(g) for g in groups[:limit])
+    shown = ", ".join(_fmt_ranks(g) for g in groups[:limit])
     return shown + (f", ... ({len(groups)} groups)" if len(groups) > limit else "")
 
 
@@ -60,7 +101,57 @@ def format_plan(plan: dict) -> str:
         lines.append(
             f"  pp rank {entry['pp_rank']}: stages {entry['stages']} on ranks {_fmt_groups([entry['ranks']])}"
         )
-    for key in ("model", "stages", "memory"):
-        if key in plan:
-            lines.append(f"{key}: {plan[key]}")
+    lines += _format_model(plan)
     return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def _flops(n: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}FLOP"
+    return f"{n:.3g} FLOP"
+
+
+def _bytes(n: float) -> str:
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 2**shift:
+            return f"{n / 2**shift:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _layer_range(layers: list[int]) -> str:
+    if not layers:
+        return "no layers"
+    return f"layers {layers[0]}-{layers[-1]} ({len(layers)})"
+
+
+def _format_model(plan: dict) -> list[str]:
+    lines = [
+        f"model {plan['model']}: {_count(plan['params_total'])} total, "
+        f"{_count(plan['params_activated'])} activated, MTP {_count(plan['params_mtp'])}; "
+        f"{_flops(plan['flops_per_token'])} per token for training at seq_len {plan['seq_len']}",
+        "stages:",
+    ]
+    for s in plan["stages"]:
+        extras = [name for name in ("embedding", "head", "mtp") if s[name]]
+        lines.append(
+            f"  stage {s['stage']}: {_layer_range(s['layers'])}"
+            + (f" + {' + '.join(extras)}" if extras else "")
+            + f" on pp ranks {s['pp_ranks']}"
+        )
+    lines.append("memory per rank (estimate):")
+    for r in plan["memory"]:
+        lines.append(
+            f"  pp rank {r['pp_rank']}: {_count(r['params'])} params; weights {_bytes(r['weights'])} + "
+            f"grads {_bytes(r['grads'])} + optimizer {_bytes(r['optimizer'])} + activations "
+            f"{_bytes(r['activations'])} ({r['peak_inflight_microbatches']} micro-batches in flight) "
+            f"= {_bytes(r['total'])}"
+        )
+    return lines

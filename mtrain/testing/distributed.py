@@ -14,6 +14,7 @@ import datetime
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import signal
 import socket
@@ -55,7 +56,9 @@ def _worker(rank, world_size, port, fn, args, results, stack_file, gloo_timeout_
                 "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                 timeout=datetime.timedelta(seconds=gloo_timeout_s),
             )
-            results.put((rank, "ok", fn(*args)))
+            # Plain pickle: torch's queue reducers would pass tensors as shared
+            # memory handles that die with this process.
+            results.put((rank, "ok", pickle.dumps(fn(*args))))
         except BaseException:
             results.put((rank, "error", traceback.format_exc()))
         finally:
@@ -150,4 +153,4 @@ def _collect(procs, results, stack_files, timeout):
             for r in missing
         )
         raise RankTimeout(f"ranks {missing} of {world_size} did not finish within {timeout:.0f}s:\n{stacks}")
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

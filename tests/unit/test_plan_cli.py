@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PLAN = [sys.executable, "-m", "mtrain.cli.plan"]
 
 
@@ -32,3 +34,61 @@ def test_invalid_config_exits_2_naming_fields():
     assert "not a multiple of parallel.tp * parallel.pp" in out.stderr
     out = run("parallel.pp=3", "output=json")
     assert out.returncode == 2 and len(json.loads(out.stdout)["errors"]) >= 2
+
+
+ONE_NODE = ("cluster.gpus_per_node=8", "parallel.pp=1", "parallel.ep=8", "parallel.schedule=1f1b")
+
+
+def plan_json(*args):
+    out = run(*args, "output=json")
+    assert out.returncode == 0, out.stderr + out.stdout
+    return json.loads(out.stdout)
+
+
+def test_deepseek_v3_matches_published_parameter_counts():
+    plan = plan_json("model=deepseek_v3", *ONE_NODE)
+    assert plan["params_total"] == pytest.approx(671e9, rel=0.01)
+    assert plan["params_activated"] == pytest.approx(37e9, rel=0.02)
+    # The paper's 14B for the MTP module includes the embedding and head it shares.
+    shared = plan["params_breakdown"]["embedding"] + plan["params_breakdown"]["head"]
+    assert plan["params_mtp"] + shared == pytest.approx(14e9, rel=0.05)
+    # Training FLOPs: at least 6 x activated non-embedding parameters, plus attention and MTP.
+    assert 6 * plan["params_activated"] < plan["flops_per_token"] < 8 * plan["params_activated"]
+
+
+def test_deepseek_v2_lite_matches_published_parameter_counts():
+    plan = plan_json("model=deepseek_v2_lite", *ONE_NODE)
+    assert plan["params_total"] == pytest.approx(15.7e9, rel=0.02)
+    # Published as "2.4B": our 2.45B is within its rounding (2.5%).
+    assert plan["params_activated"] == pytest.approx(2.4e9, rel=0.025)
+    assert plan["params_mtp"] == 0 and not any(s["mtp"] for s in plan["stages"])
+
+
+def test_plan_stages_and_memory_for_dualpipe():
+    plan = plan_json("model=deepseek_v3", "cluster.gpus_per_node=8", "parallel.pp=4", "parallel.ep=2",
+                     "parallel.schedule=dualpipe", "parallel.num_microbatches=8")
+    stages = plan["stages"]
+    assert [len(s["layers"]) for s in stages] == [15, 16, 15, 15]
+    assert [s["pp_ranks"] for s in stages] == [[0, 3], [1, 2], [1, 2], [0, 3]]
+    assert (stages[0]["embedding"], stages[-1]["head"], stages[-1]["mtp"]) == (True, True, True)
+    assert [r["peak_inflight_microbatches"] for r in plan["memory"]] == [5] * 4
+    # Ranks 0 and 3 hold the same stages (the two DualPipe copies).
+    assert plan["memory"][0] == {**plan["memory"][3], "pp_rank": 0}
+    for r in plan["memory"]:
+        assert r["total"] == r["weights"] + r["grads"] + r["optimizer"] + r["activations"]
+
+
+def test_plan_stages_for_dualpipev_and_explicit_layout():
+    plan = plan_json("cluster.gpus_per_node=4", "parallel.pp=2", "parallel.schedule=dualpipev",
+                     "parallel.pipeline_layout=[1,1,2,0]")
+    assert [s["layers"] for s in plan["stages"]] == [[0], [1], [2, 3], []]
+    assert [s["pp_ranks"] for s in plan["stages"]] == [[0], [1], [1], [0]]
+    assert [r["peak_inflight_microbatches"] for r in plan["memory"]] == [5, 5]
+
+
+def test_text_plan_shows_model_facts():
+    out = run("model=deepseek_v3", *ONE_NODE, "train.dtype=bf16")
+    assert out.returncode == 0, out.stderr
+    assert "model deepseek_v3: 671.0B total, 36.6B activated, MTP 11.6B" in out.stdout
+    assert "stage 0: layers 0-60 (61) + embedding + head + mtp on pp ranks [0]" in out.stdout
+    assert "GiB" in out.stdout

@@ -1,0 +1,85 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), heads split over tensor parallelism.
+
+Queries: ``x -> q_a -> RMSNorm -> q_b`` (or ``x -> q_proj`` when
+``q_lora_rank == 0``), per head ``[nope | rope]``. Keys and values:
+``x -> kv_a -> [latent | k_pe]``; the latent goes through RMSNorm and ``kv_b``
+to per-head ``[k_nope | v]``, while ``k_pe`` (one rope key shared by all
+heads) is rotated and broadcast. The down-projections and norms are
+replicated on the TP ranks; ``q_b``, ``kv_b`` are column-parallel (whole heads
+per rank) and ``o_proj`` row-parallel. Every replicated tensor entering the
+per-head computation (the normed latents inside the column layers, and
+``k_pe``) passes through ``copy_to_tp``, so the gradients of the replicated
+weights and of the layer input are complete and equal on all TP ranks.
+
+Selective recompute (``cfg.recompute == "selective"``) drops the norm outputs
+and up-projection outputs after the forward and recomputes them in the
+backward, as DeepSeek-V3 did for its RMSNorm and MLA up-projections.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mtrain.model.norm import RMSNorm
+from mtrain.model.rope import apply_rope, softmax_scale
+from mtrain.model.tp import (ColumnParallelLinear, Group, ReplicatedLinear, RowParallelLinear, copy_to_tp, divide,
+                             tp_size)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg, tp_group: Group = None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.num_local_heads = divide(cfg.num_heads, tp_size(tp_group), "model.num_heads")
+        self.nope_dim, self.rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.kv_lora_rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg)
+        self.selective_recompute = cfg.recompute == "selective"
+        hidden, std, heads = cfg.hidden_size, cfg.init_std, cfg.num_heads
+        qk_dim = self.nope_dim + self.rope_dim
+
+        self.compresses_queries = cfg.q_lora_rank > 0
+        if self.compresses_queries:
+            self.q_a = ReplicatedLinear(hidden, cfg.q_lora_rank, std)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b = ColumnParallelLinear(cfg.q_lora_rank, heads * qk_dim, tp_group, std)
+        else:
+            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, tp_group, std)
+        self.kv_a = ReplicatedLinear(hidden, cfg.kv_lora_rank + self.rope_dim, std)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b = ColumnParallelLinear(cfg.kv_lora_rank, heads * (self.nope_dim + self.v_dim), tp_group, std)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, tp_group, std)
+
+    def _up_project(self, q_in: torch.Tensor, kv_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norms and up-projections: the part selective recompute recomputes."""
+        q = self.q_b(self.q_a_norm(q_in)) if self.compresses_queries else self.q_proj(q_in)
+        kv = self.kv_b(self.kv_a_norm(kv_latent))
+        return q, kv
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x [B, S, hidden]`` (replicated over TP) -> ``[B, S, hidden]``; ``cos``/``sin`` from ``rope_tables``."""
+        batch, seq, _ = x.shape
+        q_in = self.q_a(x) if self.compresses_queries else x
+        kv_latent, k_pe = self.kv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        # k_pe feeds only this rank's heads: sum its gradient over the TP ranks.
+        k_pe = copy_to_tp(k_pe, self.tp_group)
+
+        if self.selective_recompute and torch.is_grad_enabled():
+            q, kv = checkpoint(self._up_project, q_in, kv_latent, use_reentrant=False)
+        else:
+            q, kv = self._up_project(q_in, kv_latent)
+
+        heads = self.num_local_heads
+        q_nope, q_pe = q.view(batch, seq, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        k_nope, v = kv.view(batch, seq, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.view(batch, seq, 1, self.rope_dim), cos, sin)
+
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
+        # [B, heads, S, dim] for attention; the value dim may differ from the query/key dim.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * self.v_dim))

@@ -1,0 +1,23 @@
+"""Dense SwiGLU feed-forward layer, tensor parallel."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mtrain.model.tp import ColumnParallelLinear, Group, RowParallelLinear, copy_to_tp
+
+
+class DenseMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))``: gate and up split by output features, down by input features."""
+
+    def __init__(self, hidden: int, ffn_hidden: int, tp_group: Group, init_std: float):
+        super().__init__()
+        self.tp_group = tp_group
+        self.gate = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std)
+        self.up = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std)
+        self.down = RowParallelLinear(ffn_hidden, hidden, tp_group, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = copy_to_tp(x, self.tp_group)  # one gradient all-reduce for both column layers
+        return self.down(F.silu(self.gate.forward_copied(x)) * self.up.forward_copied(x))

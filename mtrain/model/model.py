@@ -1,0 +1,173 @@
+"""The DeepSeek-V3-style model, built as pipeline chunks.
+
+A :class:`ModelChunk` holds the decoder layers of one pipeline stage, plus the
+embedding on the first stage and the final norm, output head and MTP modules
+on the last. The whole model is simply the chunk holding every layer. Chunks
+are programs (see :mod:`mtrain.pipeline.program`), so the same code runs the
+plain forward and the pipeline runtime's overlapped forward/backward.
+
+Parameter names are global (``layers.<global index>...``), so the state dicts
+of all chunks together are the single-rank model's state dict: that is what
+initialisation, sharding and checkpoints rely on.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from mtrain.model.attention import ReplicatedLinear
+from mtrain.model.block import DecoderLayer, ModelGroups
+from mtrain.model.norm import RMSNorm
+from mtrain.model.params import meta
+from mtrain.model.rope import rope_tables
+from mtrain.model.sharding import shard_tensor
+from mtrain.model.tp import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from mtrain.pipeline.program import Compute, run_plain
+
+IGNORE = -100
+
+
+def token_loss(logits_shard, targets, tp_group, vocab_size) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not IGNORE."""
+    valid = targets != IGNORE
+    losses = vocab_parallel_cross_entropy(logits_shard.float(), targets.clamp(min=0), tp_group, vocab_size)
+    return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: RMSNorm the previous hidden state and the
+    embedding of the token k ahead, concatenate, project 2d -> d, one decoder
+    layer; the caller applies the shared head."""
+
+    def __init__(self, cfg, depth: int, groups: ModelGroups):
+        super().__init__()
+        self.depth = depth
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, cfg.init_std)
+        # Global index past the main layers keeps parameter and step names unique.
+        self.layer = DecoderLayer(cfg, cfg.num_layers + depth - 1, groups)
+        self.layer.name = f"MTP{depth}"
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class ModelChunk(nn.Module):
+    def __init__(self, cfg, layers: list[int], stage: int = 0, is_first: bool = True, is_last: bool = True,
+                 groups: Optional[ModelGroups] = None, shared_embedding: Optional[nn.Module] = None):
+        super().__init__()
+        groups = groups or ModelGroups()
+        self.cfg, self.groups = cfg, groups
+        self.stage, self.is_first, self.is_last = stage, is_first, is_last
+        needs_embedding = is_first or (is_last and cfg.mtp_depth > 0)
+        if needs_embedding:
+            self.embed = shared_embedding or VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups.tp, cfg.init_std)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, groups) for i in layers})
+        if is_last:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, groups.tp, cfg.init_std)
+            self.mtp = nn.ModuleList(MTPModule(cfg, k, groups) for k in range(1, cfg.mtp_depth + 1))
+
+    # The Chunk interface (mtrain.pipeline.chunk).
+    def boundary_shape(self, batch_size: int, seq_len: int) -> tuple[int, ...]:
+        return (batch_size, seq_len, self.cfg.hidden_size)
+
+    def new_ctx(self, batch: dict) -> dict:
+        return {"rope": rope_tables(self.cfg, batch["input_ids"].shape[1], batch["input_ids"].device)}
+
+    def initial_state(self, batch: dict, received: Optional[torch.Tensor]) -> dict:
+        state = {"input_ids": batch["input_ids"]}
+        if self.is_last:
+            state["labels"] = batch["labels"]
+        if not self.is_first:
+            state["x"] = received
+        return state
+
+    def program(self) -> list:
+        steps = []
+        if self.is_first:
+            steps.append(Compute(self._embed, "embed"))
+        for layer in self.layers.values():
+            steps += layer.steps("x")
+        if self.is_last:
+            steps.append(Compute(self._head, "head"))
+            for mtp in self.mtp:
+                steps.append(Compute(lambda s, c, m=mtp: self._mtp_input(s, m), f"mtp{mtp.depth}.input"))
+                steps += mtp.layer.steps("mtp_x")
+                steps.append(Compute(lambda s, c, m=mtp: self._mtp_loss(s, m), f"mtp{mtp.depth}.loss"))
+            steps.append(Compute(self._total_loss, "loss"))
+        return steps
+
+    def forward(self, batch: dict, received: Optional[torch.Tensor] = None) -> dict:
+        """Plain (non-pipelined) forward: the final state (``loss`` and its parts
+        on the last stage, else the hidden state ``x``)."""
+        return run_plain(self.program(), self.initial_state(batch, received), self.new_ctx(batch))
+
+    # Steps.
+    def _embed(self, state, ctx):
+        return {**state, "x": self.embed(state["input_ids"])}
+
+    def _logits_loss(self, hidden, norm, targets):
+        return token_loss(self.head(norm(hidden)), targets, self.groups.tp, self.cfg.vocab_size)
+
+    def _head(self, state, ctx):
+        lm_loss = self._logits_loss(state["x"], self.final_norm, state["labels"])
+        return {**state, "lm_loss": lm_loss}
+
+    def _mtp_input(self, state, mtp: MTPModule):
+        # Position i combines the hidden state at i with the embedding of token
+        # i+k; the last k positions have no such token and are masked from the loss.
+        previous = state["x"] if mtp.depth == 1 else state["mtp_x"]
+        ahead = torch.roll(state["input_ids"], -mtp.depth, dims=1)
+        combined = torch.cat([mtp.hidden_norm(previous), mtp.embed_norm(self.embed(ahead))], dim=-1)
+        return {**{k: v for k, v in state.items() if k != "x" or mtp.depth > 1}, "mtp_x": mtp.proj(combined)}
+
+    def _mtp_loss(self, state, mtp: MTPModule):
+        targets = torch.roll(state["labels"], -mtp.depth, dims=1)
+        targets[:, -mtp.depth:] = IGNORE
+        loss = self._logits_loss(state["mtp_x"], mtp.final_norm, targets)
+        return {**state, f"mtp_loss_{mtp.depth}": loss}
+
+    def _total_loss(self, state, ctx):
+        lm = state["lm_loss"]
+        out = {"lm_loss": lm.detach()}
+        loss = lm
+        if self.cfg.mtp_depth > 0:
+            mtp = torch.stack([state[f"mtp_loss_{k}"] for k in range(1, self.cfg.mtp_depth + 1)]).mean()
+            loss = lm + self.cfg.mtp_loss_weight * mtp
+            out["mtp_loss"] = mtp.detach()
+        out["loss"] = loss
+        return out
+
+    # Bookkeeping.
+    def moe_layers(self) -> list:
+        layers = list(self.layers.values()) + ([m.layer for m in self.mtp] if self.is_last else [])
+        return [layer.mlp for layer in layers if layer.is_moe]
+
+
+def _full_shape(param: torch.Tensor, coords) -> tuple[int, ...]:
+    m, shape = meta(param), list(param.shape)
+    if m.expert:
+        shape[0] *= coords.get("ep", (0, 1))[1]
+    if m.shard_dim is not None:
+        shape[m.shard_dim] *= coords.get(m.shard_group, (0, 1))[1]
+        if m.full_size is not None:
+            shape[m.shard_dim] = m.full_size
+    return tuple(shape)
+
+
+@torch.no_grad()
+def initialize(module: nn.Module, seed: int, init_std: float, coords=None) -> None:
+    """Initialise every parameter from its global name and ``seed`` alone: each
+    full tensor is drawn from a generator seeded by (seed, name) and this rank
+    keeps its shard. Any layout (and the single-rank model) gets the same weights."""
+    coords = coords or {}
+    for name, param in module.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        full = torch.randn(_full_shape(param, coords), generator=gen) * init_std
+        param.copy_(shard_tensor(full, meta(param), coords, name))

@@ -1,0 +1,1 @@
+"""Mixture-of-experts: router, dispatchers, grouped experts, the MoE layer."""

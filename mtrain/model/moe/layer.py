@@ -1,0 +1,72 @@
+"""The MoE layer: shared experts plus routed experts behind a dispatcher.
+
+Its routed path is cut at the two exchanges so the pipeline runtime can run
+other work while tokens are on the wire: ``route`` (router, gates, TP slice,
+dispatch plan, permutation) | dispatch | ``compute_experts`` | combine |
+``finish`` (gates, TP gather, shared experts).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.distributed as dist
+
+from mtrain.model.mlp import DenseMLP
+from mtrain.model.moe.dispatch import DispatchPlan, make_dispatcher
+from mtrain.model.moe.experts import GroupedExperts
+from mtrain.model.moe.router import Router, attach_aux_loss
+from mtrain.model.tp import gather_from_tp, scatter_to_tp, tp_rank, tp_size
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg, tp_group=None, ep_group=None, dispatcher: str = "auto", num_sms: int = 20):
+        super().__init__()
+        ep = 1 if ep_group is None else dist.get_world_size(ep_group)
+        self.tp_group = tp_group
+        self.router = Router(cfg, cfg.init_std)
+        self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.init_std)
+        self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std)
+                       if cfg.num_shared_experts else None)
+        self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)
+        self.last_aux_loss = torch.zeros(())
+
+    def route(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+        """Rows to dispatch, their gates and the plan, for tokens ``x_norm`` [B, S, H].
+
+        Routing runs on every token on every TP rank (identical there); with
+        tp > 1 each TP rank then dispatches a distinct slice of the tokens, so no
+        expert work is repeated, and ``finish`` gathers the slices back.
+        """
+        batch = x_norm.shape[0]
+        flat = x_norm.reshape(-1, x_norm.shape[-1])
+        routing = self.router(flat)
+        weights = routing.topk_weights
+        if self.training and self.router.aux_alpha > 0:
+            aux = self.router.sequence_aux_loss(routing, batch)
+            self.last_aux_loss = aux.detach()
+            weights = attach_aux_loss(weights, aux)
+        idx = routing.topk_idx
+        tp = tp_size(self.tp_group)
+        if tp > 1:
+            if flat.shape[0] % tp:
+                raise ValueError(f"{flat.shape[0]} tokens per micro-batch do not split over tp={tp}: "
+                                 f"make micro_batch_size * seq_len a multiple of tp")
+            flat = scatter_to_tp(flat, 0, self.tp_group)
+            weights = scatter_to_tp(weights, 0, self.tp_group)
+            idx = idx.chunk(tp, 0)[tp_rank(self.tp_group)]
+        plan = self.dispatcher.plan(idx)
+        return self.dispatcher.permute(flat, plan), weights, plan
+
+    def compute_experts(self, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        grouped = self.dispatcher.regroup(received, plan)
+        out = self.experts(grouped, plan.tokens_per_expert)
+        return self.dispatcher.unregroup(out, plan)
+
+    def finish(self, rows: torch.Tensor, weights: torch.Tensor, x_norm: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        y = self.dispatcher.unpermute(rows, weights, plan).to(x_norm.dtype)
+        if tp_size(self.tp_group) > 1:
+            y = gather_from_tp(y, 0, self.tp_group)
+        y = y.view_as(x_norm)
+        if self.shared is not None:
+            y = y + self.shared(x_norm)
+        return y

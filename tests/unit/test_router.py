@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from mtrain.config.loading import load_config
+from mtrain.model.moe.router import Router
+
+
+def make_router(**overrides):
+    cfg = load_config([f"model.{k}={v}" for k, v in overrides.items()]).model
+    torch.manual_seed(0)
+    return Router(cfg, init_std=0.5), cfg
+
+
+def test_bias_changes_selection_but_not_gates():
+    router, cfg = make_router(n_group=1, topk_group=1)
+    x = torch.randn(64, cfg.hidden_size)
+    before = router(x)
+    router.expert_bias[3] = 10.0  # expert 3 now wins every selection
+    after = router(x)
+    assert (after.topk_idx == 3).any(-1).all()
+    assert not torch.equal(before.topk_idx, after.topk_idx)
+    # Gates are the raw scores of the selected experts, renormalised and scaled: the bias is absent.
+    raw = after.scores.gather(1, after.topk_idx)
+    expected = raw / raw.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    torch.testing.assert_close(after.topk_weights, expected)
+
+
+def test_no_token_leaves_its_kept_groups():
+    router, cfg = make_router(num_routed_experts=16, n_group=4, topk_group=2, moe_topk=4)
+    x = torch.randn(256, cfg.hidden_size)
+    r = router(x)
+    per_group = 16 // 4
+    grouped = (r.scores.detach() + router.expert_bias).view(256, 4, per_group)
+    group_score = grouped.topk(4 // 2, dim=-1).values.sum(-1)
+    kept = group_score.topk(2, dim=-1).indices
+    chosen_groups = r.topk_idx // per_group
+    for t in range(256):
+        assert set(chosen_groups[t].tolist()) <= set(kept[t].tolist())
+    # Within the kept groups the choice is the plain top-k.
+    masked = torch.full_like(r.scores, float("-inf"))
+    for t in range(256):
+        for g in kept[t].tolist():
+            masked[t, g * per_group:(g + 1) * per_group] = r.scores[t, g * per_group:(g + 1) * per_group]
+    assert torch.equal(r.topk_idx.sort(-1).values, masked.topk(4, -1).indices.sort(-1).values)
+
+
+def _imbalance_over_steps(gamma: float, steps: int = 60) -> list[float]:
+    router, cfg = make_router(n_group=1, topk_group=1)
+    with torch.no_grad():
+        router.weight[0] += 2.0  # expert 0 is favoured by every token
+    gen = torch.Generator().manual_seed(1)
+    ratios = []
+    for _ in range(steps):
+        x = torch.randn(128, cfg.hidden_size, generator=gen) + 0.5
+        router(x)
+        load = router.load.clone()
+        ratios.append((load.max() / load.mean()).item())
+        router.update_bias(load, gamma)
+    return ratios
+
+
+def test_bias_update_balances_load():
+    balanced = _imbalance_over_steps(0.05)
+    frozen = _imbalance_over_steps(0.0)
+    assert balanced[-1] < 0.6 * balanced[0]
+    assert frozen[-1] == pytest.approx(frozen[0], rel=0.25)
+    assert balanced[-1] < frozen[-1]
+
+
+def test_sequence_aux_loss_hand_computed():
+    router, cfg = make_router(num_routed_experts=4, n_group=1, topk_group=1, moe_topk=2, aux_loss_alpha=0.1)
+    # One sequence of 2 tokens over 4 experts with fixed scores and selections.
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3], [0.2, 0.8, 0.6, 0.4]])
+    idx = torch.tensor([[0, 2], [1, 2]])
+    from mtrain.model.moe.router import Routing
+    loss = router.sequence_aux_loss(Routing(idx, None, scores), batch_size=1)
+    # f_i = N_r / (K_r T) * count_i = 4 / (2*2) * count = count; P_i = mean normalised score.
+    f = torch.tensor([1.0, 1.0, 2.0, 0.0])
+    p = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    assert loss.item() == pytest.approx(0.1 * (f * p).sum().item(), rel=1e-6)
+
+
+def test_loads_are_counted():
+    router, cfg = make_router()
+    x = torch.randn(10, cfg.hidden_size)
+    r = router(x)
+    assert router.load.sum().item() == 10 * cfg.moe_topk
+    assert torch.equal(router.load, torch.bincount(r.topk_idx.flatten(), minlength=cfg.num_routed_experts).float())
