@@ -27,13 +27,16 @@ setup(
         "matplotlib",
         "tqdm",
         "tokenizers>=0.15",
+        "wandb>=0.17",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout"],
         "gpu": ["transformer-engine[pytorch]", "triton>=3.0"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={
         "console_scripts": [
+            "mtrain-train=mtrain.cli.train:main",
             "mtrain-plan=mtrain.cli.plan:main",
             "mtrain-schedule=mtrain.cli.schedule:main",
         ],

@@ -108,6 +108,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     zero1: bool = True
+    # Stop with a checkpoint once the step count is a multiple of this (null: never).
+    exit_interval: Optional[int] = None
     max_bad_steps: int = 3  # consecutive NaN/Inf steps before aborting
     collective_timeout_s: float = 300.0
 
@@ -131,6 +133,7 @@ class LoggingConfig:
     wandb_project: str = "mtrain"
     wandb_entity: Optional[str] = None
     tensorboard: bool = False
+    heatmap_interval: int = 100  # steps between expert-load heatmaps
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mtrain.parallel.layout import layout_errors, parse_order, LayoutError
 from mtrain.pipeline.schedule_rules import num_model_stages, schedule_errors
+from mtrain.train.lr import lr_schedule_errors
 
 RECOMPUTE = ("none", "selective", "full")
 DISPATCHERS = ("auto", "local", "alltoall", "deepep")
@@ -136,6 +137,8 @@ def config_errors(cfg, world_size: int | None = None) -> list[str]:
         errors.append(f"data.seq_len={cfg.data.seq_len} must be at least 2")
     elif cfg.data.seq_len > m.max_seq_len:
         errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    errors += lr_schedule_errors(t)
+    _choice(errors, "logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.interval and checkpoint.keep_last must be at least 1")
     return errors

@@ -82,7 +82,7 @@ class ModelChunk(nn.Module):
         if self.is_last:
             state["labels"] = batch["labels"]
         if not self.is_first:
-            state["x"] = received
+            state["hidden"] = received
         return state
 
     def program(self) -> list:
@@ -90,7 +90,7 @@ class ModelChunk(nn.Module):
         if self.is_first:
             steps.append(Compute(self._embed, "embed"))
         for layer in self.layers.values():
-            steps += layer.steps("x")
+            steps += layer.steps("hidden")
         if self.is_last:
             steps.append(Compute(self._head, "head"))
             for mtp in self.mtp:
@@ -102,27 +102,27 @@ class ModelChunk(nn.Module):
 
     def forward(self, batch: dict, received: Optional[torch.Tensor] = None) -> dict:
         """Plain (non-pipelined) forward: the final state (``loss`` and its parts
-        on the last stage, else the hidden state ``x``)."""
+        on the last stage, else the hidden state ``hidden``)."""
         return run_plain(self.program(), self.initial_state(batch, received), self.new_ctx(batch))
 
     # Steps.
     def _embed(self, state, ctx):
-        return {**state, "x": self.embed(state["input_ids"])}
+        return {**state, "hidden": self.embed(state["input_ids"])}
 
     def _logits_loss(self, hidden, norm, targets):
         return token_loss(self.head(norm(hidden)), targets, self.groups.tp, self.cfg.vocab_size)
 
     def _head(self, state, ctx):
-        lm_loss = self._logits_loss(state["x"], self.final_norm, state["labels"])
+        lm_loss = self._logits_loss(state["hidden"], self.final_norm, state["labels"])
         return {**state, "lm_loss": lm_loss}
 
     def _mtp_input(self, state, mtp: MTPModule):
         # Position i combines the hidden state at i with the embedding of token
         # i+k; the last k positions have no such token and are masked from the loss.
-        previous = state["x"] if mtp.depth == 1 else state["mtp_x"]
+        previous = state["hidden"] if mtp.depth == 1 else state["mtp_x"]
         ahead = torch.roll(state["input_ids"], -mtp.depth, dims=1)
         combined = torch.cat([mtp.hidden_norm(previous), mtp.embed_norm(self.embed(ahead))], dim=-1)
-        return {**{k: v for k, v in state.items() if k != "x" or mtp.depth > 1}, "mtp_x": mtp.proj(combined)}
+        return {**{k: v for k, v in state.items() if k != "hidden" or mtp.depth > 1}, "mtp_x": mtp.proj(combined)}
 
     def _mtp_loss(self, state, mtp: MTPModule):
         targets = torch.roll(state["labels"], -mtp.depth, dims=1)

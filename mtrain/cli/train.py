@@ -1,0 +1,45 @@
+"""``mtrain-train``: the Hydra trainer.
+
+Locally, one process per rank under torchrun::
+
+    torchrun --standalone --nproc-per-node 4 -m mtrain.cli.train parallel.schedule=dualpipe
+
+On Slurm, one task per rank under srun (the rank and master come from Slurm's
+variables). Everything of a run goes under ``run_dir``.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from mtrain.config.schema import register_configs
+from mtrain.config.validate import ConfigError
+
+
+@hydra.main(config_path="pkg://mtrain.configs", config_name="config", version_base="1.3")
+def _app(cfg: DictConfig) -> int:
+    from mtrain.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, cfg.run_dir)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
+    try:
+        code = trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)
+
+
+def main() -> None:
+    register_configs()
+    _app()
+
+
+if __name__ == "__main__":
+    main()

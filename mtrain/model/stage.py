@@ -1,0 +1,67 @@
+"""Build the model chunks one rank holds, for any layout and schedule.
+
+DualPipe: pipeline rank r holds stage r of direction 0 and stage pp-1-r of
+direction 1, so the ranks at both ends hold the embedding, the head and MTP
+together (one embedding module serves both chunks). DualPipeV: stages r and
+2pp-1-r. Other schedules: stage r.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+
+from mtrain.model.block import ModelGroups
+from mtrain.model.model import ModelChunk, initialize
+from mtrain.model.partition import stage_layers
+from mtrain.pipeline.schedule_rules import num_model_stages, stages_of_rank
+
+ChunkKey = tuple[int, int]  # (stage, direction)
+
+
+def coords_of(groups) -> dict:
+    """This rank's (index, size) in the groups parameters are sharded over."""
+    if groups is None:
+        return {}
+    return {kind: (groups.index(kind), groups.size(kind)) for kind in ("tp", "ep", "expert_tp")}
+
+
+def model_groups(cfg, groups) -> ModelGroups:
+    if groups is None:
+        return ModelGroups(dispatcher=cfg.parallel.dispatcher, deepep_num_sms=cfg.parallel.deepep_num_sms)
+    return ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), dispatcher=cfg.parallel.dispatcher,
+                       deepep_num_sms=cfg.parallel.deepep_num_sms)
+
+
+def build_chunks(cfg, groups=None, pp_rank: int = 0, seed: Optional[int] = None) -> dict[ChunkKey, ModelChunk]:
+    """The chunks of pipeline rank ``pp_rank``, keyed by (stage, direction),
+    initialised from ``seed`` (default ``cfg.train.seed``) so that every layout
+    starts from the same weights."""
+    p, m = cfg.parallel, cfg.model
+    num_stages = num_model_stages(p.schedule, p.pp)
+    layers = stage_layers(m.num_layers, num_stages, p.pipeline_layout)
+    mg = model_groups(cfg, groups)
+    stages = stages_of_rank(p.schedule, p.pp, pp_rank)
+    keys = [(s, d if p.schedule == "dualpipe" else 0) for d, s in enumerate(stages)]
+    chunks: dict[ChunkKey, ModelChunk] = {}
+    embedding: Optional[nn.Module] = None
+    # Build first stages first so a last stage on the same rank can share their embedding.
+    for stage, direction in sorted(keys):
+        chunk = ModelChunk(m, layers[stage], stage, stage == 0, stage == num_stages - 1, mg, shared_embedding=embedding)
+        if hasattr(chunk, "embed"):
+            embedding = chunk.embed
+        chunks[(stage, direction)] = chunk
+    seed = cfg.train.seed if seed is None else seed
+    for chunk in chunks.values():
+        initialize(chunk, seed, m.init_std, coords_of(groups))
+    return chunks
+
+
+def unique_parameters(chunks) -> dict[str, nn.Parameter]:
+    """Global name -> parameter over all chunks; a stage held twice on a rank
+    never happens, but the shared embedding appears in two chunks once here."""
+    params: dict[str, nn.Parameter] = {}
+    for chunk in chunks.values():
+        for name, param in chunk.named_parameters():
+            params.setdefault(name, param)
+    return params

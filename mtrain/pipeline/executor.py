@@ -1,0 +1,256 @@
+"""Run one rank's pipeline schedule on real model chunks.
+
+The executor holds no schedule logic: it walks the instruction list that
+``build_schedule(schedule, pp, num_microbatches, pp_rank)`` gives and, for
+each instruction, takes the inputs the data dependencies name (the previous
+stage's output for ``F``, the next stage's input gradient for ``B``/``I``),
+runs it on the chunk of its stage and sends the result on.
+
+Communication: the receives of instruction ``i+1`` are posted before
+instruction ``i`` runs, so the transfer overlaps its compute; sends are posted
+right after the compute and never waited on until the end of the step
+(their tensors are dropped as soon as they completed). Messages are tagged
+by (kind, stage, micro-batch, direction) -- see :mod:`mtrain.pipeline.p2p`.
+
+Loss: the last stage's program returns ``"loss"`` (mean over the
+micro-batch's tokens); its backward is seeded with ``1/num_microbatches`` so the
+gradients are those of the mean loss over the step, and the auxiliary-loss
+scale is set to the same factor.
+
+``I`` runs the backward inside :func:`~mtrain.model.wgrad.defer_weight_grads`
+and keeps the queued weight-gradient work until its ``W``. An ``Overlap`` runs
+the forward and the backward generators interleaved (``overlap=True``) or one
+after the other; the math is the same, so results are bit-identical.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mtrain.model.moe.router import set_aux_loss_scale
+from mtrain.model.wgrad import PendingWeightGrads, defer_weight_grads
+from mtrain.pipeline.chunk import Chunk, ChunkRunner
+from mtrain.pipeline.instructions import (BACKWARD_INPUT, FORWARD, Instruction, Op, Overlap,
+                                          backward_dest_rank, backward_source_rank, forward_dest_rank,
+                                          forward_source_rank)
+from mtrain.pipeline.p2p import PipeComm, RecvRequest
+from mtrain.pipeline.program import EventLog, drain, run_overlapped
+from mtrain.pipeline.schedule_rules import num_model_stages, stages_of_rank
+from mtrain.pipeline.schedules import build_schedule
+from mtrain.pipeline.trace import OpRecord, RankTrace
+
+ChunkKey = tuple  # (stage, direction)
+
+
+@dataclass
+class StepResult:
+    """What one rank measured in one step. ``losses`` / ``metrics`` are filled on
+    the rank(s) holding a last stage (DualPipe: rank ``pp-1`` for direction 0,
+    rank 0 for direction 1)."""
+
+    losses: dict[int, float] = field(default_factory=dict)  # micro-batch -> loss
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # micro-batch -> scalar outputs
+    busy: float = 0.0  # seconds spent in instructions (inputs there to results sent)
+    wall: float = 0.0  # seconds from step start to the last send completed
+    trace: Optional[RankTrace] = None
+
+    @property
+    def idle(self) -> float:
+        return self.wall - self.busy
+
+
+def expected_chunk_keys(schedule: str, pp: int, pp_rank: int) -> list[ChunkKey]:
+    """The (stage, direction) chunks pipeline rank ``pp_rank`` must hold."""
+    stages = stages_of_rank(schedule, pp, pp_rank)
+    if schedule == "dualpipe":
+        return [(stages[0], 0), (stages[1], 1)]
+    return [(s, 0) for s in stages]
+
+
+def _chunk_dtype_device(chunk: Chunk) -> tuple[torch.dtype, torch.device]:
+    params = getattr(chunk, "parameters", None)
+    for p in (params() if callable(params) else ()):
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
+
+
+class PipelineExecutor:
+    """Runs ``build_schedule(schedule, pp, num_microbatches, pp_rank)`` on ``chunks``.
+
+    ``chunks`` maps ``(stage, direction)`` to the chunks this rank holds (see
+    :func:`expected_chunk_keys`). ``pp_group_ranks[i]`` is the global rank of
+    pipeline rank ``i``. ``dtype`` / ``device`` of the received hidden states
+    default to those of each chunk's first floating parameter. ``p2p_group``
+    is the group the point-to-point messages go through (default: the world).
+    """
+
+    def __init__(self, schedule: str, pp: int, pp_rank: int, num_microbatches: int,
+                 chunks: Mapping[ChunkKey, Chunk], pp_group_ranks: Sequence[int], overlap: bool = True,
+                 trace: bool = False, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None, p2p_group: Optional[dist.ProcessGroup] = None):
+        if len(pp_group_ranks) != pp:
+            raise ValueError(f"pp_group_ranks has {len(pp_group_ranks)} ranks, expected pp={pp}")
+        expected = expected_chunk_keys(schedule, pp, pp_rank)
+        if sorted(chunks) != sorted(expected):
+            raise ValueError(f"{schedule} pipeline rank {pp_rank} holds chunks {expected} (stage, direction); "
+                             f"got {sorted(chunks)}")
+        self.schedule, self.pp, self.pp_rank = schedule, pp, pp_rank
+        self.num_microbatches = num_microbatches
+        self.instructions: list[Instruction] = build_schedule(schedule, pp, num_microbatches, pp_rank)
+        self.chunks = dict(chunks)
+        self.runners = {key: ChunkRunner(chunk) for key, chunk in self.chunks.items()}
+        self.overlap, self.trace = overlap, trace
+        self._dtype_device = {}
+        for key, chunk in self.chunks.items():
+            own_dtype, own_device = _chunk_dtype_device(chunk)
+            self._dtype_device[key] = (dtype or own_dtype, device or own_device)
+        self.comm = PipeComm(pp_rank, pp_group_ranks, num_model_stages(schedule, pp), num_microbatches, p2p_group)
+
+    # -- dependencies ------------------------------------------------------
+    def _source(self, op: Op) -> Optional[tuple[tuple, int]]:
+        """(message key, pipeline rank) of the input ``op`` receives, or None."""
+        if op.kind == FORWARD:
+            src = forward_source_rank(self.schedule, self.pp, op.stage, op.direction)
+            return None if src is None else (("F", op.stage - 1, op.microbatch, op.direction), src)
+        if op.kind == "W":
+            return None
+        src = backward_source_rank(self.schedule, self.pp, op.stage, op.direction)
+        return None if src is None else (("B", op.stage + 1, op.microbatch, op.direction), src)
+
+    def _recv_requests(self, ins: Instruction, batches: Sequence[dict]) -> list[RecvRequest]:
+        out = []
+        for op in ins.ops:
+            source = self._source(op)
+            if source is None:
+                continue
+            key, src = source
+            chunk_key = (op.stage, op.direction)
+            ids = batches[op.microbatch]["input_ids"]
+            shape = tuple(self.chunks[chunk_key].boundary_shape(ids.shape[0], ids.shape[1]))
+            dtype, device = self._dtype_device[chunk_key]
+            out.append(RecvRequest(key, src, shape, dtype, device))
+        return out
+
+    def _input(self, op: Op) -> Optional[torch.Tensor]:
+        source = self._source(op)
+        if source is None:
+            return None
+        x = self.comm.take(*source)
+        return x.requires_grad_(True) if op.kind == FORWARD else x
+
+    # -- one step ----------------------------------------------------------
+    def step(self, microbatches: Sequence[dict]) -> StepResult:
+        """Run this rank's instructions on ``microbatches`` (indexed by global
+        micro-batch; every rank passes the same list)."""
+        if len(microbatches) != self.num_microbatches:
+            raise ValueError(f"got {len(microbatches)} micro-batches, the schedule has {self.num_microbatches}")
+        set_aux_loss_scale(1.0 / self.num_microbatches)
+        self._batches = microbatches
+        self._result = StepResult()
+        self._pending_w: dict[tuple, PendingWeightGrads] = {}
+        self._loss_seed: dict[tuple, torch.Tensor] = {}
+        ops = self.instructions
+        t_start = time.perf_counter()
+        records: list[OpRecord] = []
+        self.comm.post_recvs(self._recv_requests(ops[0], microbatches) if ops else [])
+        for i, ins in enumerate(ops):
+            if i + 1 < len(ops):
+                self.comm.post_recvs(self._recv_requests(ops[i + 1], microbatches))
+            records.append(self._run(ins))
+            self.comm.poll_sends()
+        self.comm.finish()
+        if self._pending_w:
+            raise RuntimeError(f"input-only backwards without their W: {sorted(self._pending_w)}")
+        t_end = time.perf_counter()
+        result = self._result
+        result.busy = sum(r.duration for r in records)
+        result.wall = t_end - t_start
+        if self.trace:
+            rank = dist.get_rank() if dist.is_initialized() else self.pp_rank
+            result.trace = RankTrace(self.pp_rank, rank, t_start, t_end, records)
+        return result
+
+    def _run(self, ins: Instruction) -> OpRecord:
+        wait_start = time.perf_counter()
+        log = EventLog() if self.trace else None
+        if isinstance(ins, Overlap):
+            f, b = ins.forward, ins.backward
+            received, grad = self._input(f), self._backward_seed(b)
+            start = time.perf_counter()
+            rf, rb = self.runners[(f.stage, f.direction)], self.runners[(b.stage, b.direction)]
+            batch = self._batches[f.microbatch]
+            with self._weight_grads(b):
+                if self.overlap:
+                    out, grad_in = run_overlapped(rf.forward_gen(f.microbatch, batch, received, log),
+                                                  rb.backward_gen(b.microbatch, grad, log))
+                else:
+                    out = drain(rf.forward_gen(f.microbatch, batch, received, log))
+                    grad_in = drain(rb.backward_gen(b.microbatch, grad, log))
+            self.comm.send(self._after_forward(f, out) + self._after_backward(b, grad_in))
+        elif ins.kind == FORWARD:
+            received = self._input(ins)
+            start = time.perf_counter()
+            runner = self.runners[(ins.stage, ins.direction)]
+            out = drain(runner.forward_gen(ins.microbatch, self._batches[ins.microbatch], received, log))
+            self.comm.send(self._after_forward(ins, out))
+        elif ins.kind == "W":
+            start = time.perf_counter()
+            self._pending_w.pop((ins.stage, ins.microbatch, ins.direction)).run()
+        else:
+            grad = self._backward_seed(ins)
+            start = time.perf_counter()
+            runner = self.runners[(ins.stage, ins.direction)]
+            with self._weight_grads(ins):
+                grad_in = drain(runner.backward_gen(ins.microbatch, grad, log))
+            self.comm.send(self._after_backward(ins, grad_in))
+        end = time.perf_counter()
+        return OpRecord(ins, wait_start, start, end, log.events if log else [])
+
+    def _backward_seed(self, op: Op) -> torch.Tensor:
+        """The output gradient of a B/I: received, or 1/N for the loss."""
+        key = (op.stage, op.microbatch, op.direction)
+        if key in self._loss_seed:
+            return self._loss_seed.pop(key)
+        return self._input(op)
+
+    @contextlib.contextmanager
+    def _weight_grads(self, op: Op):
+        """For an ``I``, queue the weight gradients until its ``W``."""
+        if op.kind != BACKWARD_INPUT:
+            yield
+            return
+        with defer_weight_grads() as pending:
+            yield
+        self._pending_w[(op.stage, op.microbatch, op.direction)] = pending
+
+    def _after_forward(self, op: Op, out: torch.Tensor) -> list:
+        runner = self.runners[(op.stage, op.direction)]
+        dst = forward_dest_rank(self.schedule, self.pp, op.stage, op.direction)
+        if dst is not None:
+            return [(("F", op.stage, op.microbatch, op.direction), out, dst)]
+        # Last stage: ``out`` is the loss; keep the logged scalars and the seed.
+        metrics = {}
+        for name, value in runner.final_state(op.microbatch).items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                metrics[name] = float(value.detach())
+            elif isinstance(value, (int, float)):
+                metrics[name] = float(value)
+        self._result.losses[op.microbatch] = float(out.detach())
+        self._result.metrics[op.microbatch] = metrics
+        self._loss_seed[(op.stage, op.microbatch, op.direction)] = torch.full_like(
+            out.detach(), 1.0 / self.num_microbatches)
+        return []
+
+    def _after_backward(self, op: Op, grad_in: Optional[torch.Tensor]) -> list:
+        dst = backward_dest_rank(self.schedule, self.pp, op.stage, op.direction)
+        if dst is None:
+            return []
+        if grad_in is None:
+            raise RuntimeError(f"{op}: the chunk returned no input gradient to send to pipeline rank {dst}")
+        return [(("B", op.stage, op.microbatch, op.direction), grad_in, dst)]

@@ -1,0 +1,374 @@
+"""Distributed checkpoints that store logical tensors, so any layout can load them.
+
+Parameter names are global and every tensor's tag (:class:`ParamMeta`) says
+how its local tensor is a slice of the full one. Saving turns each local
+tensor into its *logical* form for ``torch.distributed.checkpoint`` (DCP):
+
+- replicated tensors stay plain tensors (DCP writes identical keys once);
+- a tensor split over groups becomes a ``DTensor`` over a device mesh built
+  from those groups: ``Shard(0)`` over ``ep`` for experts, ``Shard(shard_dim)``
+  over ``shard_group`` for TP;
+- vocabulary-padded tensors drop their padding rows first, so the logical
+  tensor has exactly ``full_size`` rows whatever the TP size. The padded
+  split (``ceil(V / tp)`` rows per rank) is DTensor's uneven ``Shard`` split.
+
+Loading builds the same structure for the *current* layout and DCP reads
+into this rank's local slices in place, resharding as needed. The directory
+protocol (temporary directory, manifest, ``latest``) is in
+:mod:`mtrain.train.checkpoint_files`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from mtrain.model.params import ParamMeta, meta
+from mtrain.train.checkpoint_files import (CorruptCheckpointError, finalize, find_latest, read_manifest, reach,
+                                           remove_stale_tmp, step_dir, tmp_dir, verify_checkpoint)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "verify_checkpoint", "read_manifest",
+           "wait_pending", "CheckpointSave", "CorruptCheckpointError"]
+
+log = logging.getLogger(__name__)
+
+EXTRA_DIR = "extra"
+_pending: Optional["CheckpointSave"] = None
+_group_cache: dict = {}
+
+
+# -- the logical view of local tensors -----------------------------------------
+
+def _group_size(groups, kind: str) -> int:
+    return 1 if groups is None else groups.size(kind)
+
+
+def _shardings(m: ParamMeta, groups) -> list[tuple[int, str]]:
+    """(dim, group kind) of every split this rank's tensor is a shard of."""
+    splits = []
+    if m.expert:
+        splits.append((0, "ep"))
+    if m.shard_dim is not None:
+        splits.append((m.shard_dim, m.shard_group))
+    return [(dim, kind) for dim, kind in splits if _group_size(groups, kind) > 1]
+
+
+def _unpadded(name: str, local: torch.Tensor, m: ParamMeta, groups) -> torch.Tensor:
+    """The rows of ``local`` that are real (not vocabulary padding), as a view."""
+    if m.full_size is None:
+        return local
+    dim, size = m.shard_dim, _group_size(groups, m.shard_group)
+    index = 0 if size == 1 else groups.index(m.shard_group)
+    chunk = -(-m.full_size // size)
+    if local.shape[dim] != chunk:
+        raise ValueError(f"{name}: holds {local.shape[dim]} rows along dim {dim}, but {m.full_size} rows "
+                         f"padded over {size} ranks give {chunk} per rank")
+    real = max(0, min(chunk, m.full_size - index * chunk))
+    return local.narrow(dim, 0, real)
+
+
+def _full_shape(tensor: torch.Tensor, m: ParamMeta, splits: list[tuple[int, str]], groups) -> tuple[int, ...]:
+    shape = list(tensor.shape)
+    for dim, kind in splits:
+        shape[dim] *= groups.size(kind)
+    if m.full_size is not None:
+        shape[m.shard_dim] = m.full_size
+    return tuple(shape)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+class _Meshes:
+    """Device meshes over this rank's groups, built once per (kinds, device)."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.cache: dict = {}
+
+    def get(self, kinds: tuple[str, ...], device_type: str) -> DeviceMesh:
+        key = (kinds, device_type)
+        if key not in self.cache:
+            self.cache[key] = self._build(kinds, device_type)
+        return self.cache[key]
+
+    def _build(self, kinds: tuple[str, ...], device_type: str) -> DeviceMesh:
+        g = self.groups
+        if len(kinds) == 1:
+            return DeviceMesh.from_group(g.group(kinds[0]), device_type)
+        outer, inner = kinds
+        # Column j is the `outer` group through the j-th member of my `inner` group;
+        # each row must then be an `inner` group for the ranks to form a grid.
+        columns = [g.layout.group_of(outer, r) for r in g.ranks(inner)]
+        mesh = [list(row) for row in zip(*columns)]
+        for row in mesh:
+            if row != g.layout.group_of(inner, row[0]):
+                raise ValueError(f"the {outer} and {inner} groups of rank {g.rank} do not form a grid: {mesh}")
+        return DeviceMesh.from_group([g.group(outer), g.group(inner)], device_type,
+                                     mesh=torch.tensor(mesh), mesh_dim_names=kinds)
+
+
+def _logical(name: str, tensor: torch.Tensor, m: ParamMeta, groups, meshes: _Meshes):
+    """What DCP saves or loads for ``tensor``: a plain tensor or a DTensor whose
+    local part is a view of ``tensor`` (so loading writes into it)."""
+    local = _unpadded(name, tensor.detach(), m, groups)
+    splits = _shardings(m, groups)
+    if not splits:
+        return local
+    shape = _full_shape(tensor, m, splits, groups)
+    mesh = meshes.get(tuple(kind for _, kind in splits), tensor.device.type)
+    return DTensor.from_local(local, mesh, [Shard(dim) for dim, _ in splits], run_check=False,
+                              shape=torch.Size(shape), stride=_contiguous_strides(shape))
+
+
+def _meta_of(name: str, tensor: torch.Tensor, metas: Optional[Mapping[str, ParamMeta]]) -> ParamMeta:
+    if metas is not None and name in metas:
+        return metas[name]
+    return meta(tensor)
+
+
+def logical_state_dict(tensors: Mapping[str, torch.Tensor], groups,
+                       metas: Optional[Mapping[str, ParamMeta]] = None) -> dict[str, Any]:
+    """Global name -> the logical value DCP saves or loads (see module doc)."""
+    meshes = _Meshes(groups)
+    return {name: _logical(name, t, _meta_of(name, t, metas), groups, meshes) for name, t in tensors.items()}
+
+
+# -- collectives ----------------------------------------------------------------
+
+def _checkpoint_group():
+    """A gloo group over all ranks for checkpoint traffic only, so an async save's
+    background collectives never interleave with training collectives (and a
+    CPU backend exists even when training runs on NCCL). None without
+    torch.distributed."""
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    if _group_cache.get("world") is not world:
+        _group_cache.update(world=world, group=dist.new_group(backend="gloo"))
+    return _group_cache["group"]
+
+
+def _rank(pg) -> int:
+    return 0 if pg is None else dist.get_rank()
+
+
+def _world(pg) -> int:
+    return 1 if pg is None else dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _single_process_quiet(pg):
+    """DCP warns that it assumes a single process whenever it runs without
+    torch.distributed; here that is the intent."""
+    with warnings.catch_warnings():
+        if pg is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(pg) -> None:
+    if pg is not None:
+        dist.barrier(group=pg)
+
+
+def _raise_if_any(error: Optional[Exception], pg) -> None:
+    """Raise on every rank if any rank hit ``error`` (a KeyError or ValueError),
+    so no rank is left waiting in a collective the failing one never joins."""
+    mine = None if error is None else (isinstance(error, KeyError), str(error.args[0]))
+    found = [mine]
+    if pg is not None:
+        found = [None] * _world(pg)
+        dist.all_gather_object(found, mine, group=pg)
+    failures = [(r, f) for r, f in enumerate(found) if f is not None]
+    if failures:
+        kind = KeyError if any(is_key for _, (is_key, _) in failures) else ValueError
+        raise kind("\n".join(f"rank {r}: {message}" for r, (_, message) in failures))
+
+
+def _collect_error(fn):
+    try:
+        return fn(), None
+    except (ValueError, KeyError) as e:
+        return None, e
+
+
+# -- saving -----------------------------------------------------------------------
+
+class CheckpointSave:
+    """A save in flight (or done): ``wait()`` returns the final directory once it
+    is complete and ``latest`` names it, and re-raises any failure."""
+
+    def __init__(self, path: Path, future: Optional[Future] = None):
+        self.path = path
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> Path:
+        if self._future is not None:
+            self._future.result()
+        return self.path
+
+
+def wait_pending() -> Optional[Path]:
+    """Block until an earlier async save has finished; call before exiting."""
+    global _pending
+    handle, _pending = _pending, None
+    return handle.wait() if handle is not None else None
+
+
+def _extra_file(directory: Path, rank: int) -> Path:
+    return directory / EXTRA_DIR / f"rank_{rank:05d}.pt"
+
+
+def _finish(root: Path, step: int, keep_last: int, pg) -> Path:
+    """Every rank: after all data is written, rank 0 seals and publishes; all
+    ranks learn the outcome."""
+    reach("written")
+    _barrier(pg)
+    error = None
+    if _rank(pg) == 0:
+        try:
+            required = [_extra_file(tmp_dir(root, step), r) for r in range(_world(pg))]
+            missing = [str(p) for p in required if not p.is_file()]
+            if missing:
+                raise CorruptCheckpointError(f"extra state missing after the save: {missing}")
+            finalize(root, step, _world(pg), keep_last)
+        except Exception as e:  # reported on every rank below
+            error = f"finalising checkpoint {step_dir(root, step)} failed: {e!r}"
+    if pg is not None:
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=pg)  # pg spans all ranks
+        error = box[0]
+    if error:
+        raise RuntimeError(error)
+    return step_dir(root, step)
+
+
+def save_checkpoint(root: Path | str, step: int, tensors: Mapping[str, torch.Tensor], groups=None,
+                    extra: Optional[dict] = None, *, metas: Optional[Mapping[str, ParamMeta]] = None,
+                    keep_last: int = 2, async_save: bool = False) -> CheckpointSave:
+    """Save ``tensors`` (global name -> this rank's local tensor) as logical
+    tensors under ``root/step_<step>``; collective over all ranks.
+
+    A rank may omit keys other ranks pass (ZeRO-1: only the optimizer states it
+    owns); replicated keys must hold identical values on every rank that passes
+    them. ``extra`` (small, picklable) is stored per rank. ``keep_last`` complete
+    checkpoints are kept (0: all). With ``async_save`` the data is copied to CPU
+    memory now, written and finalised in the background; the returned handle's
+    ``wait()`` (or the next save/load, or :func:`wait_pending`) joins it.
+    """
+    global _pending
+    wait_pending()
+    root = Path(root)
+    pg = _checkpoint_group()
+    rank = _rank(pg)
+    tmp = tmp_dir(root, step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(root)
+        (tmp / EXTRA_DIR).mkdir(parents=True)
+    _barrier(pg)
+    state, error = _collect_error(lambda: logical_state_dict(tensors, groups, metas))
+    _raise_if_any(error, pg)
+    torch.save(dict(extra or {}), _extra_file(tmp, rank))
+
+    if not async_save:
+        with _single_process_quiet(pg):
+            dcp.save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
+        return CheckpointSave(_finish(root, step, keep_last, pg))
+
+    with _single_process_quiet(pg):
+        upload = dcp.async_save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
+    upload = getattr(upload, "upload_completion", upload)
+
+    def complete() -> Path:
+        upload.result()
+        return _finish(root, step, keep_last, pg)
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-finalise")
+    _pending = CheckpointSave(step_dir(root, step), executor.submit(complete))
+    executor.shutdown(wait=False)
+    return _pending
+
+
+# -- loading ----------------------------------------------------------------------
+
+def _is_optional(name: str, optional: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in optional)
+
+
+def _plan_load(path: Path, tensors, groups, metas, optional) -> dict[str, Any]:
+    stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    missing = sorted(n for n in tensors if n not in stored and not _is_optional(n, optional))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise KeyError(f"checkpoint {path} lacks {len(missing)} expected tensors: {shown} "
+                       f"(pass optional= patterns to skip them, e.g. 'optim.*')")
+    state = logical_state_dict({n: t for n, t in tensors.items() if n in stored}, groups, metas)
+    for name, value in state.items():
+        entry = stored[name]
+        if not isinstance(entry, TensorStorageMetadata):
+            raise KeyError(f"{name}: stored in {path} as a non-tensor object")
+        if tuple(entry.size) != tuple(value.shape):
+            raise ValueError(f"{name}: the checkpoint holds shape {tuple(entry.size)} but this model "
+                             f"expects {tuple(value.shape)} (a different model config?)")
+    return state
+
+
+def _zero_padding(tensors, groups, metas) -> None:
+    """Vocabulary padding rows are not in the checkpoint; keep them zero."""
+    with torch.no_grad():
+        for name, t in tensors.items():
+            m = _meta_of(name, t, metas)
+            if m.full_size is None:
+                continue
+            real = _unpadded(name, t.detach(), m, groups).shape[m.shard_dim]
+            t.detach().narrow(m.shard_dim, real, t.shape[m.shard_dim] - real).zero_()
+
+
+def load_checkpoint(path: Path | str, tensors: Mapping[str, torch.Tensor], groups=None, *,
+                    metas: Optional[Mapping[str, ParamMeta]] = None, optional: Iterable[str] = ()) -> dict:
+    """Fill ``tensors`` (global name -> this rank's local tensor, current layout)
+    in place from the checkpoint at ``path``; collective over all ranks.
+
+    The checkpoint is verified first (:class:`CorruptCheckpointError`). A name
+    the checkpoint lacks raises ``KeyError`` unless it matches one of the
+    ``optional`` fnmatch patterns (then it is left untouched). Returns this
+    rank's ``extra`` when the world size is unchanged, otherwise rank 0's.
+    """
+    wait_pending()
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    pg = _checkpoint_group()
+    optional = tuple(optional)
+    state, error = _collect_error(lambda: _plan_load(path, tensors, groups, metas, optional))
+    _raise_if_any(error, pg)
+    with _single_process_quiet(pg):
+        dcp.load(state, checkpoint_id=path, process_group=pg, no_dist=pg is None)
+    _zero_padding(tensors, groups, metas)
+
+    rank, saved_world = _rank(pg), manifest["world_size"]
+    if saved_world != _world(pg):
+        log.warning("checkpoint %s was saved by %d ranks, now %d: every rank gets rank 0's extra state",
+                    path, saved_world, _world(pg))
+        rank = 0
+    return torch.load(_extra_file(path, rank), weights_only=False)

@@ -1,0 +1,78 @@
+"""Gradient reduction across replicas, and the global gradient norm.
+
+Which ranks hold a copy of a parameter follows from its tag and the layout:
+dense parameters are replicated over ``dp``, expert parameters over
+``expert_dp``; DualPipe holds every stage twice (``dualpipe_pair``); with
+pp > 1 and MTP the last stage keeps a copy of the embedding (``embedding``).
+Every copy must end the step with the same gradient, and the norm must count
+each logical parameter exactly once.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from mtrain.model.params import meta
+
+
+def replica_kinds(name: str, param, schedule: str, pp: int, has_embedding_copy: bool) -> list[str]:
+    kinds = ["expert_dp" if meta(param).expert else "dp"]
+    if schedule == "dualpipe":
+        kinds.append("dualpipe_pair")
+    elif name.startswith("embed.") and has_embedding_copy:
+        kinds.append("embedding")
+    return kinds
+
+
+def _all_reduce_bucket(tensors: list[torch.Tensor], group) -> None:
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(reduced)
+
+
+def reduce_gradients(params: dict, groups, schedule: str, pp: int, has_embedding_copy: bool) -> None:
+    """Sum gradients over every replica group (one flat all-reduce per group
+    kind), then average over data parallelism: each rank's loss is a mean over
+    its own tokens, the global loss is the mean over the dp replicas."""
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if groups is None:
+        return
+    buckets: dict[tuple[str, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+    for name in sorted(params):
+        p = params[name]
+        for kind in replica_kinds(name, p, schedule, pp, has_embedding_copy):
+            if groups.size(kind) > 1:
+                buckets[(kind, p.grad.dtype)].append(p.grad)
+    for (kind, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        _all_reduce_bucket(grads, groups.group(kind))
+    dp = groups.size("dp")
+    if dp > 1:
+        for p in params.values():
+            p.grad.div_(dp)
+
+
+def global_grad_norm(params: dict, counted: set, owned: set, groups) -> torch.Tensor:
+    """sqrt of the sum of squared gradients over every logical parameter once.
+
+    ``counted``: names this rank speaks for among its pipeline copies (DualPipe
+    copies and the MTP embedding copy excluded); ``owned``: names whose
+    optimizer state this rank owns (one owner per replica group). TP-replicated
+    dense parameters are counted on TP index 0 only; TP shards everywhere.
+    """
+    tp_index = 0 if groups is None else groups.index("tp")
+    total = torch.zeros((), dtype=torch.float64)
+    for name in counted & owned:
+        p = params[name]
+        m = meta(p)
+        if tp_index != 0 and not m.expert and m.shard_group != "tp":
+            continue
+        total += p.grad.double().pow(2).sum()
+    if groups is not None:
+        dist.all_reduce(total)
+    return total.sqrt()

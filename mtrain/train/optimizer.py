@@ -1,0 +1,113 @@
+"""AdamW with fp32 master weights and ZeRO-1 state sharding.
+
+Each parameter is owned by one rank of its replica group (``dp`` for dense
+parameters, ``expert_dp`` for experts), assigned by size so owners carry
+similar loads. Only the owner keeps the fp32 master copy and the two moments
+and runs the update; it then broadcasts the new weights to the group. States
+are kept per parameter (not in flat buffers), named after the parameter, so a
+checkpoint of them reshards like the weights do.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mtrain.model.params import meta
+
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+def replica_kind(param) -> str:
+    return "expert_dp" if meta(param).expert else "dp"
+
+
+def assign_owners(params: dict, group_sizes: dict[str, int]) -> dict[str, int]:
+    """Name -> owner index inside the parameter's replica group (greedy by size,
+    deterministic: every rank of a group computes the same assignment)."""
+    load = {kind: [0] * size for kind, size in group_sizes.items()}
+    owners = {}
+    for name in sorted(params, key=lambda n: (-params[n].numel(), n)):
+        kind = replica_kind(params[name])
+        idx = min(range(len(load[kind])), key=lambda i: (load[kind][i], i))
+        load[kind][idx] += params[name].numel()
+        owners[name] = idx
+    return owners
+
+
+class ZeroAdamW:
+    def __init__(self, params: dict, groups, train_cfg, zero: bool = True):
+        self.params = params
+        self.groups = groups
+        self.betas = (train_cfg.beta1, train_cfg.beta2)
+        self.eps = train_cfg.eps
+        self.weight_decay = train_cfg.weight_decay
+        sizes = {k: (groups.size(k) if groups is not None and zero else 1) for k in ("dp", "expert_dp")}
+        self.owner_index = assign_owners(params, sizes)
+        self.zero = zero and groups is not None
+        my_index = {k: (groups.index(k) if self.zero else 0) for k in ("dp", "expert_dp")}
+        self.owned = {n for n, i in self.owner_index.items() if i == my_index[replica_kind(params[n])]}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        for name in sorted(self.owned):
+            p = params[name]
+            master = p.detach().float().clone() if p.dtype != torch.float32 else p.data
+            self.state[name] = {"master": master, "exp_avg": torch.zeros_like(master),
+                                "exp_avg_sq": torch.zeros_like(master)}
+        self.step_count = 0
+
+    def decays(self, name: str) -> bool:
+        p = self.params[name]
+        return not meta(p).no_decay and p.dim() > 1
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        bias1 = 1 - beta1 ** self.step_count
+        bias2 = 1 - beta2 ** self.step_count
+        for name in sorted(self.owned):
+            p, s = self.params[name], self.state[name]
+            grad = p.grad.float()
+            master = s["master"]
+            if self.decays(name):
+                master.mul_(1 - lr * self.weight_decay)
+            s["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+            s["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (s["exp_avg_sq"] / bias2).sqrt_().add_(self.eps)
+            master.addcdiv_(s["exp_avg"], denom, value=-lr / bias1)
+            if master is not p.data:
+                p.copy_(master)
+        if self.zero:
+            self._broadcast_from_owners()
+
+    def _broadcast_from_owners(self) -> None:
+        for name in sorted(self.params):
+            p = self.params[name]
+            kind = replica_kind(p)
+            if self.groups.size(kind) == 1:
+                continue
+            src = self.groups.ranks(kind)[self.owner_index[name]]
+            dist.broadcast(p.data, src=src, group=self.groups.group(kind))
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    # Checkpointing: per-parameter tensors tagged like their parameter.
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, s in self.state.items():
+            for key in STATE_KEYS:
+                t = s[key]
+                if key == "master" and t is self.params[name].data:
+                    continue  # fp32 training: the master is the parameter itself
+                t.mtrain_meta = meta(self.params[name])
+                out[f"optim.{key}.{name}"] = t
+        return out
+
+    def after_load(self) -> None:
+        """Re-derive weights from loaded fp32 masters (bf16 training)."""
+        with torch.no_grad():
+            for name, s in self.state.items():
+                if s["master"] is not self.params[name].data:
+                    self.params[name].copy_(s["master"])
+

@@ -1,0 +1,297 @@
+"""The training loop: layout, model chunks, pipeline executor, data,
+ZeRO-1 AdamW, router balancing, metrics and checkpoints, for one rank.
+
+Every rank runs the same loop; which parts of the model it holds follows from
+the layout. A stop request (SIGTERM / SIGUSR1, e.g. Slurm preemption) is
+honoured at the next step boundary on all ranks together: checkpoint, exit 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from mtrain.config.validate import check_config
+from mtrain.data.build import build_gpt_dataset
+from mtrain.data.gpt_dataset import StepLoader
+from mtrain.model.stage import build_chunks, unique_parameters
+from mtrain.model.stats import flops_per_token
+from mtrain.parallel.env import detect_env
+from mtrain.parallel.groups import create_groups, init_distributed
+from mtrain.parallel.layout import build_layout
+from mtrain.pipeline.executor import PipelineExecutor
+from mtrain.train import checkpoint as ckpt
+from mtrain.train.grads import global_grad_norm, reduce_gradients
+from mtrain.train.lr import LRSchedule
+from mtrain.train.metrics import peak_memory_bytes, throughput
+from mtrain.train.optimizer import ZeroAdamW
+
+log = logging.getLogger("mtrain")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """One log file per rank; rank 0 also logs to the console."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    handlers = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler())
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_requested = False
+        env = detect_env()
+        check_config(cfg, env.world_size)
+        self.env = init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_s, env)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        p = cfg.parallel
+        self.layout = build_layout(self.world, p.tp, p.ep, p.expert_tp, p.pp, p.order, p.schedule)
+        with self.phase("creating process groups"):
+            self.groups = create_groups(self.layout, cfg.train.collective_timeout_s)
+        self.pp_rank = self.layout.pp_rank(self.rank)
+        if not log.handlers:
+            setup_logging(self.run_dir, self.rank)
+        torch.manual_seed(cfg.train.seed + self.rank)
+
+        self.chunks = build_chunks(cfg, self.groups, self.pp_rank)
+        if cfg.train.dtype == "bf16":
+            for chunk in self.chunks.values():
+                for param in chunk.parameters():
+                    param.data = param.data.to(torch.bfloat16)
+        self.params = unique_parameters(self.chunks)
+        # 1F1B/ZB1P put the first and last stage on different ranks: the last
+        # keeps its own copy of the embedding for MTP (DualPipe/V share one).
+        self.has_embedding_copy = p.schedule in ("1f1b", "zb1p") and p.pp > 1 and cfg.model.mtp_depth > 0
+        # Names this rank speaks for in the gradient norm: DualPipe's direction-1
+        # copies and the last stage's MTP copy of the embedding are counted elsewhere.
+        self.counted = {
+            name for (stage, direction), chunk in self.chunks.items() if direction == 0
+            for name, _ in chunk.named_parameters() if chunk.is_first or not name.startswith("embed.")
+        }
+        self.executor = PipelineExecutor(p.schedule, p.pp, self.pp_rank, p.num_microbatches, self.chunks,
+                                         self.layout.group_of("pp", self.rank), overlap=p.overlap)
+        self.optimizer = ZeroAdamW(self.params, self.groups, cfg.train, zero=cfg.train.zero1)
+        self.lr = LRSchedule(cfg.train)
+
+        dataset = build_gpt_dataset(cfg.data, cfg.model.vocab_size)
+        self.loader = StepLoader(dataset, cfg.train.micro_batch_size, p.num_microbatches,
+                                 self.groups.index("dp"), self.groups.size("dp"))
+        self.tokens_per_step = cfg.train.micro_batch_size * p.num_microbatches * self.groups.size("dp") * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.step = 0
+        self.bad_steps = 0
+        self.reporter = None
+
+    # -- helpers --------------------------------------------------------
+    @contextlib.contextmanager
+    def phase(self, what: str):
+        """Name the rank and the operation when something fails (a collective
+        timeout otherwise says little about where the run was)."""
+        try:
+            yield
+        except Exception as e:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise RuntimeError(f"rank {rank}, step {getattr(self, 'step', 0)}: {what} failed: {e}") from e
+
+    def _request_stop(self, signum, frame):
+        log.warning("rank %d: received signal %d, will checkpoint and stop at the next step boundary", self.rank, signum)
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def moe_layers(self, counted_only: bool = False) -> list[tuple[str, object]]:
+        out = []
+        for (stage, direction), chunk in sorted(self.chunks.items()):
+            if counted_only and direction != 0:
+                continue
+            for name, module in chunk.named_modules():
+                if module.__class__.__name__ == "MoELayer":
+                    out.append((name, module))
+        return out
+
+    # -- checkpoint state -------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.params)
+        for chunk in self.chunks.values():
+            for name, buf in chunk.named_buffers():
+                if name.endswith("expert_bias"):
+                    tensors.setdefault(name, buf)
+        tensors.update(self.optimizer.state_tensors())
+        return tensors
+
+    def save(self) -> None:
+        extra = {
+            "step": self.step,
+            "optimizer_steps": self.optimizer.step_count,
+            "data": self.loader.state_dict(),
+            "lr": self.lr.state_dict(),
+            "rng": torch.get_rng_state(),
+            "world_size": self.world,
+            "layout": {k: getattr(self.layout, k) for k in ("tp", "ep", "pp", "dp", "schedule")},
+        }
+        with self.phase(f"saving checkpoint of step {self.step}"):
+            ckpt.save_checkpoint(self.ckpt_dir, self.step, self.state_tensors(), self.groups, extra,
+                                 async_save=self.cfg.checkpoint.async_save, keep_last=self.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self) -> None:
+        choice = self.cfg.checkpoint.resume
+        if choice == "none":
+            return
+        path = ckpt.find_latest(self.ckpt_dir) if choice == "latest" else Path(choice)
+        if path is None:
+            return
+        with self.phase(f"loading checkpoint {path}"):
+            extra = ckpt.load_checkpoint(path, self.state_tensors(), self.groups)
+        self.optimizer.after_load()
+        self.step = extra["step"]
+        self.optimizer.step_count = extra["optimizer_steps"]
+        self.loader.load_state_dict(extra["data"])
+        if extra.get("world_size") == self.world and "rng" in extra:
+            torch.set_rng_state(extra["rng"])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    # -- one step -----------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batches = [{"input_ids": x, "labels": y} for x, y in self.loader.next_step()]
+        self.optimizer.zero_grad()
+        with self.phase("pipeline step"):
+            result = self.executor.step(batches)
+        with self.phase("gradient reduction"):
+            reduce_gradients(self.params, self.groups, cfg.parallel.schedule, cfg.parallel.pp, self.has_embedding_copy)
+            norm = global_grad_norm(self.params, self.counted, self.optimizer.owned, self.groups)
+        losses = self._global_losses(result)
+        lr = self.lr.lr(self.step)
+        finite = bool(torch.isfinite(norm)) and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+        if finite:
+            self.bad_steps = 0
+            if cfg.train.grad_clip > 0 and norm > cfg.train.grad_clip:
+                scale = cfg.train.grad_clip / (float(norm) + 1e-6)
+                for p in self.params.values():
+                    p.grad.mul_(scale)
+            with self.phase("optimizer step"):
+                self.optimizer.step(lr)
+            loads = self._update_router_bias()
+        else:
+            self.bad_steps += 1
+            loads = {}
+            if self.rank == 0:
+                log.warning("step %d: non-finite loss or gradient norm, step skipped (%d in a row)",
+                            self.step + 1, self.bad_steps)
+            if self.bad_steps > cfg.train.max_bad_steps:
+                raise TrainingAborted(
+                    f"{self.bad_steps} consecutive steps had a non-finite loss or gradient norm "
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); lower train.lr or check the data")
+        self.step += 1
+        elapsed = time.perf_counter() - t0
+        speed = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.world, cfg.cluster.peak_tflops)
+        bubble = torch.tensor([result.idle / max(result.wall, 1e-9)])
+        dist.all_reduce(bubble)
+        return {
+            "step": self.step, **losses, "grad_norm": float(norm), "lr": lr,
+            **speed, "bubble_pct": 100.0 * bubble.item() / self.world,
+            "peak_memory_gb": peak_memory_bytes() / 2**30, "step_time_s": elapsed, "skipped": not finite,
+            "_loads": loads,
+        }
+
+    def _global_losses(self, result) -> dict:
+        """Mean losses over every micro-batch of every data-parallel replica."""
+        keys = ("loss", "lm_loss", "mtp_loss", "aux_loss")
+        speaks = self.groups.index("tp") == 0
+        sums = torch.zeros(len(keys) + 2, dtype=torch.float64)
+        if speaks:
+            for mb, loss in result.losses.items():
+                sums[0] += loss
+                sums[1] += result.metrics.get(mb, {}).get("lm_loss", loss)
+                sums[2] += result.metrics.get(mb, {}).get("mtp_loss", 0.0)
+                sums[len(keys)] += 1
+            aux = [float(m.last_aux_loss) for _, m in self.moe_layers(counted_only=True)]
+            sums[3] += sum(aux)
+            sums[len(keys) + 1] += len(aux)
+        dist.all_reduce(sums)
+        count, aux_count = max(sums[len(keys)].item(), 1), max(sums[len(keys) + 1].item(), 1)
+        out = {k: sums[i].item() / count for i, k in enumerate(keys[:3])}
+        out["aux_loss"] = sums[3].item() / aux_count
+        if self.cfg.model.mtp_depth == 0:
+            out.pop("mtp_loss")
+        return out
+
+    def _update_router_bias(self) -> dict:
+        """Loads summed over every copy that saw different tokens (dp replicas,
+        DualPipe's two directions), then the same bias update everywhere."""
+        loads = {}
+        for name, moe in self.moe_layers():
+            load = moe.router.load.clone()
+            dist.all_reduce(load, group=self.groups.group("dp"))
+            if self.cfg.parallel.schedule == "dualpipe":
+                dist.all_reduce(load, group=self.groups.group("dualpipe_pair"))
+            moe.router.update_bias(load, self.cfg.model.bias_update_speed)
+            loads[name] = load
+        counted = {name for name, _ in self.moe_layers(counted_only=True)}
+        return {k: v for k, v in loads.items() if k in counted}
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> int:
+        from mtrain.train.reporting import Reporter
+
+        cfg = self.cfg
+        self.maybe_resume()
+        previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
+        if self.rank == 0:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+        self.reporter = Reporter(self.run_dir, cfg, self.rank, self.world, start_step=self.step,
+                                 heatmap_interval=cfg.logging.heatmap_interval)
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                loads = metrics.pop("_loads")
+                gathered = [None] * self.world
+                dist.all_gather_object(gathered, {k: v.tolist() for k, v in loads.items()})
+                if self.rank == 0:
+                    merged = {}
+                    for part in gathered:
+                        merged.update(part)
+                    self.reporter.log(metrics, expert_loads=merged)
+                last = self.step == cfg.train.steps
+                exit_now = bool(cfg.train.exit_interval) and self.step % cfg.train.exit_interval == 0
+                if self._stop_agreed() or (exit_now and not last):
+                    self.save()
+                    ckpt.wait_pending()
+                    if self.rank == 0:
+                        log.warning("stopped at step %d; checkpoint written", self.step)
+                    return 0
+                if last or self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+            ckpt.wait_pending()
+            return 0
+        finally:
+            self.reporter.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
