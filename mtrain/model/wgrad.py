@@ -23,7 +23,10 @@ class PendingWeightGrads:
     def __init__(self):
         self.work: list[Callable[[], None]] = []
 
+    @torch.no_grad()
     def run(self) -> None:
+        # Outside autograd's backward, grad mode is on: the saved inputs still
+        # require grad and the weight gradients must not build a graph.
         work, self.work = self.work, []
         for fn in work:
             fn()

@@ -117,3 +117,11 @@ def test_parameter_count_formula_matches_the_module():
         cfg, model = tiny(*overrides)
         counts = param_counts(cfg)
         assert counts["total"] + counts["mtp"] == sum(p.numel() for p in model.parameters())
+
+
+def test_deferred_weight_grads_build_no_graph():
+    cfg, model = tiny()
+    with defer_weight_grads() as pending:
+        model(batch(cfg))["loss"].backward()
+    pending.run()
+    assert not any(p.grad.requires_grad for p in model.parameters())
