@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mtrain.config.validate import check_config
+from mtrain.config.validate import ConfigError, check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
 from mtrain.model.stage import build_chunks, unique_parameters
@@ -63,6 +63,10 @@ class Trainer:
         self._stop_requested = False
         env = detect_env()
         check_config(cfg, env.world_size)
+        if cfg.parallel.expert_tp > 1:
+            raise ConfigError([f"parallel.expert_tp={cfg.parallel.expert_tp}: the layout and mtrain-plan support "
+                               f"splitting experts over expert_tp, the model does not yet; use expert_tp=1 "
+                               f"(experts still fold over the tp x dp ranks of a stage through ep)"])
         self.env = init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_s, env)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         p = cfg.parallel
