@@ -134,6 +134,9 @@ class LoggingConfig:
     wandb_entity: Optional[str] = None
     tensorboard: bool = False
     heatmap_interval: int = 100  # steps between expert-load heatmaps
+    # Record this step's per-rank timeline: Chrome trace JSON (Perfetto) and a
+    # PNG drawn like the simulator's, under <run_dir>/trace/ (null: never).
+    trace_step: Optional[int] = None
 
 
 @dataclass

@@ -27,6 +27,8 @@ from mtrain.parallel.env import detect_env
 from mtrain.parallel.groups import create_groups, init_distributed
 from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.executor import PipelineExecutor
+from mtrain.pipeline.render import render_timeline
+from mtrain.pipeline.trace import bubble_percent, gather_traces, to_timelines, write_chrome_trace
 from mtrain.train import checkpoint as ckpt
 from mtrain.train.grads import global_grad_norm, reduce_gradients
 from mtrain.train.lr import LRSchedule
@@ -186,8 +188,11 @@ class Trainer:
         t0 = time.perf_counter()
         batches = [{"input_ids": x, "labels": y} for x, y in self.loader.next_step()]
         self.optimizer.zero_grad()
+        self.executor.trace = self.step + 1 == cfg.logging.trace_step
         with self.phase("pipeline step"):
             result = self.executor.step(batches)
+        if result.trace is not None:
+            self._write_trace(result.trace)
         with self.phase("gradient reduction"):
             reduce_gradients(self.params, self.groups, cfg.parallel.schedule, cfg.parallel.pp, self.has_embedding_copy)
             norm = global_grad_norm(self.params, self.counted, self.optimizer.owned, self.groups)
@@ -224,6 +229,21 @@ class Trainer:
             "peak_memory_gb": peak_memory_bytes() / 2**30, "step_time_s": elapsed, "skipped": not finite,
             "_loads": loads,
         }
+
+    def _write_trace(self, trace) -> None:
+        """All ranks' timelines of this step on rank 0: a Chrome trace of every
+        rank and a PNG of the first pipeline, drawn like the simulator's."""
+        traces = gather_traces(trace)
+        if self.rank != 0:
+            return
+        out = self.run_dir / "trace"
+        out.mkdir(exist_ok=True)
+        write_chrome_trace(str(out / f"step_{self.step + 1:06d}.json"), traces)
+        pipeline = [traces[r] for r in self.layout.group_of("pp", 0)]
+        title = f"{self.cfg.parallel.schedule} pp={self.cfg.parallel.pp}: measured step {self.step + 1}"
+        render_timeline(to_timelines(pipeline), str(out / f"step_{self.step + 1:06d}.png"), title)
+        log.info("step trace written to %s (bubble per pp rank: %s %%)", out,
+                 ", ".join(f"{b:.1f}" for b in bubble_percent(pipeline)))
 
     def _global_losses(self, result) -> dict:
         """Mean losses over every micro-batch of every data-parallel replica."""

@@ -83,3 +83,20 @@ def test_reshard_resume_dualpipe_ep2_to_single(tmp_path):
     single = ["parallel.pp=1", "parallel.ep=1", "parallel.schedule=1f1b", "parallel.num_microbatches=8"]
     resumed = train(1, single + ["train.steps=4", "checkpoint.interval=100"], tmp_path / "b")
     assert resumed[4]["loss"] == pytest.approx(straight[4]["loss"], rel=1e-5)
+
+
+def test_step_trace_written(tmp_path):
+    world, overrides = LAYOUTS["pp2_dualpipe"]
+    train(world, overrides + ["train.steps=2", "logging.trace_step=2"], tmp_path)
+    trace = json.loads((tmp_path / "trace" / "step_000002.json").read_text())
+    ops = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    assert {e["pid"] for e in ops} == {0, 1}
+    assert all(e["dur"] >= 0 for e in ops)
+    for rank in (0, 1):
+        names = " ".join(e["name"] for e in ops if e["pid"] == rank)
+        # Both chunks of the rank touch all 4 micro-batches (2 per direction),
+        # and the MoE layers show their steps.
+        assert all(f"m{m})" in names for m in range(4)), names
+        assert "experts" in names and "attn" in names
+    png = (tmp_path / "trace" / "step_000002.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
