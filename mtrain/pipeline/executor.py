@@ -9,8 +9,10 @@ runs it on the chunk of its stage and sends the result on.
 Communication: the receives of instruction ``i+1`` are posted before
 instruction ``i`` runs, so the transfer overlaps its compute; sends are posted
 right after the compute and never waited on until the end of the step
-(their tensors are dropped as soon as they completed). Messages are tagged
-by (kind, stage, micro-batch, direction) -- see :mod:`mtrain.pipeline.p2p`.
+(their tensors are dropped as soon as they completed). Each message travels on
+the process group of its channel (sender, receiver, F/B), within which both
+sides post in the same order, so NCCL (which ignores tags) matches them -- see
+:mod:`mtrain.pipeline.channels` and :mod:`mtrain.pipeline.p2p`.
 
 Loss: the last stage's program returns ``"loss"`` (mean over the
 micro-batch's tokens); its backward is seeded with ``1/num_microbatches`` so the
@@ -34,6 +36,7 @@ import torch.distributed as dist
 
 from mtrain.model.moe.router import set_aux_loss_scale
 from mtrain.model.wgrad import PendingWeightGrads, defer_weight_grads
+from mtrain.pipeline.channels import Channel, create_p2p_channels, gather_pipelines
 from mtrain.pipeline.chunk import Chunk, ChunkRunner
 from mtrain.pipeline.instructions import (BACKWARD_INPUT, FORWARD, Instruction, Op, Overlap,
                                           backward_dest_rank, backward_source_rank, forward_dest_rank,
@@ -86,14 +89,22 @@ class PipelineExecutor:
     ``chunks`` maps ``(stage, direction)`` to the chunks this rank holds (see
     :func:`expected_chunk_keys`). ``pp_group_ranks[i]`` is the global rank of
     pipeline rank ``i``. ``dtype`` / ``device`` of the received hidden states
-    default to those of each chunk's first floating parameter. ``p2p_group``
-    is the group the point-to-point messages go through (default: the world).
+    default to those of each chunk's first floating parameter.
+
+    ``channels`` maps each channel this rank uses to its process group
+    (:func:`~mtrain.pipeline.channels.create_p2p_channels`, called by every rank
+    for all pipelines). Without it, and with ``pp > 1``, the constructor creates
+    them itself: it gathers every rank's ``pp_group_ranks`` and is then
+    collective over the world (every rank must construct its executor, in the
+    same order relative to other group creations). ``p2p_tags=False`` sends every
+    message with tag 0 (matched by channel and order alone, as NCCL does).
     """
 
     def __init__(self, schedule: str, pp: int, pp_rank: int, num_microbatches: int,
                  chunks: Mapping[ChunkKey, Chunk], pp_group_ranks: Sequence[int], overlap: bool = True,
                  trace: bool = False, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None, p2p_group: Optional[dist.ProcessGroup] = None):
+                 device: Optional[torch.device] = None,
+                 channels: Optional[Mapping[Channel, dist.ProcessGroup]] = None, p2p_tags: bool = True):
         if len(pp_group_ranks) != pp:
             raise ValueError(f"pp_group_ranks has {len(pp_group_ranks)} ranks, expected pp={pp}")
         expected = expected_chunk_keys(schedule, pp, pp_rank)
@@ -110,7 +121,10 @@ class PipelineExecutor:
         for key, chunk in self.chunks.items():
             own_dtype, own_device = _chunk_dtype_device(chunk)
             self._dtype_device[key] = (dtype or own_dtype, device or own_device)
-        self.comm = PipeComm(pp_rank, pp_group_ranks, num_model_stages(schedule, pp), num_microbatches, p2p_group)
+        if channels is None:
+            channels = {} if pp == 1 else create_p2p_channels(gather_pipelines(pp_group_ranks), schedule, pp)
+        self.comm = PipeComm(pp_rank, pp_group_ranks, num_model_stages(schedule, pp), num_microbatches, channels,
+                             tagged=p2p_tags)
 
     # -- dependencies ------------------------------------------------------
     def _source(self, op: Op) -> Optional[tuple[tuple, int]]:

@@ -1,39 +1,45 @@
-"""Point-to-point transfers between pipeline ranks, matched by tag.
+"""Point-to-point transfers between pipeline ranks, one process group per channel.
 
 Every message is named by a :data:`MessageKey` ``(kind, stage, microbatch,
 direction)``: ``("F", s, m, d)`` is the forward output of stage ``s`` and
-``("B", s, m, d)`` the gradient of stage ``s``'s input. The key becomes the
-message's tag, so several messages between the same two ranks can be in
-flight at once, posted in any order, and never match the wrong receive.
+``("B", s, m, d)`` the gradient of stage ``s``'s input. It travels on the
+process group of its :class:`~mtrain.pipeline.channels.Channel` (sender,
+receiver, kind); within a channel sender and receiver post in the same order
+(see :mod:`mtrain.pipeline.channels`), which is all NCCL matches by. Ops of one
+``batch_isend_irecv`` must share a group, so each channel's ops form a batch.
+The key is also the message's tag (gloo honours tags, NCCL ignores them);
+``tagged=False`` sends everything with tag 0 so tests prove the channels alone
+match the messages.
 
 A message whose sender and receiver are the same rank (DualPipeV's turn from
-stage ``pp-1`` to ``pp`` on the last rank) is handed over locally.
+stage ``pp-1`` to ``pp``) is handed over locally.
 
-Sends never block: :meth:`PipeComm.send` posts them and keeps the tensors only
-until the transfer completed.
+Sends never block: :meth:`PipeComm.send` posts them and keeps the tensors until
+the transfer completed, so their memory is not reused while the communication
+stream still reads it. A received tensor is returned by :meth:`PipeComm.take`
+only after ``wait()``, called on the main thread: with NCCL that makes the
+current (compute) stream wait for the transfer.
 
 With gloo two helper threads keep the main thread computing: posting a gloo
 receive costs 0.1-0.5 ms of blocking work (measured on the 2-core CPU
 machines), so receives are posted by one thread; a gloo send reports
 completion only once waited on, so another thread waits for each send and
 then drops its tensors. Both waits release the interpreter lock. Other
-backends post receives inline and poll sends with ``is_completed``.
-
-Gloo matches point-to-point messages by tag. NCCL ignores tags (it matches
-by posting order between a pair of ranks), so this module is for gloo; see
-the "Runtime" section of docs/schedules.md.
+backends (NCCL, CUDA tensors) post and wait inline and poll sends with
+``is_completed``.
 """
 from __future__ import annotations
 
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-MessageKey = tuple  # (kind "F" | "B", stage, microbatch, direction)
+from mtrain.pipeline.channels import Channel, MessageKey
+
 _KINDS = {"F": 0, "B": 1}
 
 
@@ -125,52 +131,73 @@ class _Helper:
             raise RuntimeError(f"pipeline communication failed: {error}") from error
 
 
-class PipeComm:
-    """Tagged sends and receives among the ranks of one pipeline.
+def _by_channel(items: list[tuple[Channel, object]]) -> dict[Channel, list]:
+    """Group ``(channel, item)`` pairs by channel, keeping their order."""
+    out: dict[Channel, list] = {}
+    for channel, item in items:
+        out.setdefault(channel, []).append(item)
+    return out
 
-    ``pp_group_ranks[i]`` is the global rank of pipeline rank ``i``; ``group``
-    is the process group the ranks are addressed in (default: the world).
+
+class PipeComm:
+    """Sends and receives among the ranks of one pipeline.
+
+    ``pp_group_ranks[i]`` is the global rank of pipeline rank ``i``;
+    ``channels`` maps every channel this rank sends or receives on to its
+    process group (:func:`~mtrain.pipeline.channels.create_p2p_channels`).
+    ``tagged=False``: every message has tag 0, so messages are matched by
+    channel and posting order alone, as NCCL does.
     """
 
     def __init__(self, pp_rank: int, pp_group_ranks: Sequence[int], num_stages: int, num_microbatches: int,
-                 group: Optional[dist.ProcessGroup] = None):
+                 channels: Mapping[Channel, dist.ProcessGroup], tagged: bool = True):
         self.pp_rank = pp_rank
         self.ranks = list(pp_group_ranks)
         self.num_stages, self.num_microbatches = num_stages, num_microbatches
-        self.group = group
+        self.channels = dict(channels)
+        self.tagged = tagged
         self._recvs: dict[MessageKey, _PendingRecv] = {}
         self._local: dict[MessageKey, torch.Tensor] = {}
         self._sends: list[tuple[_Works, list]] = []  # polled (non-gloo)
-        threaded = dist.get_backend(group) == "gloo"
+        threaded = any(dist.get_backend(group) == "gloo" for group in self.channels.values())
         self._poster = _Helper("pipeline-recv-post") if threaded else None
         self._releaser = _Helper("pipeline-send-release") if threaded else None
 
-    def _tag(self, key: MessageKey) -> int:
-        return message_tag(key, self.num_stages, self.num_microbatches)
+    def _op(self, op: Callable, tensor: torch.Tensor, key: MessageKey, channel: Channel, peer: int) -> dist.P2POp:
+        group = self.channels.get(channel)
+        if group is None:
+            raise RuntimeError(f"pipeline rank {self.pp_rank} has no process group for {channel} (message {key}); "
+                               f"it has {sorted(self.channels)}")
+        tag = message_tag(key, self.num_stages, self.num_microbatches) if self.tagged else 0
+        return dist.P2POp(op, tensor, self.ranks[peer], group, tag)
 
     def post_recvs(self, requests: Sequence[RecvRequest]) -> None:
-        """Post the receives not posted yet (local hand-offs need none)."""
+        """Post the receives not posted yet (local hand-offs need none), one
+        batch per channel."""
         ops, pending = [], []
         for req in requests:
             if req.src == self.pp_rank or req.key in self._recvs:
                 continue
             recv = _PendingRecv(torch.empty(req.shape, dtype=req.dtype, device=req.device))
-            ops.append(dist.P2POp(dist.irecv, recv.buffer, self.ranks[req.src], self.group, self._tag(req.key)))
-            pending.append(recv)
+            channel = Channel(req.src, self.pp_rank, req.key[0])
+            ops.append((channel, self._op(dist.irecv, recv.buffer, req.key, channel, req.src)))
+            pending.append((channel, recv))
             self._recvs[req.key] = recv
         if not ops:
             return
+        batches = list(zip(_by_channel(ops).values(), _by_channel(pending).values()))
 
         def post() -> None:
             try:
-                for recv, works in zip(pending, _post(ops)):
-                    recv.works = works
+                for batch_ops, batch_recvs in batches:
+                    for recv, works in zip(batch_recvs, _post(batch_ops)):
+                        recv.works = works
             except BaseException as e:
-                for recv in pending:
+                for _, recv in pending:
                     recv.error = e
                 raise
             finally:
-                for recv in pending:
+                for _, recv in pending:
                     recv.posted.set()
 
         if self._poster is not None:
@@ -187,7 +214,7 @@ class PipeComm:
         return self._recvs.pop(key).wait()
 
     def send(self, messages: Sequence[tuple[MessageKey, torch.Tensor, int]]) -> None:
-        """Post ``(key, tensor, dst)`` sends as one batch; returns at once."""
+        """Post ``(key, tensor, dst)`` sends, one batch per channel; returns at once."""
         ops, tensors = [], []
         for key, tensor, dst in messages:
             tensor = tensor.detach()
@@ -195,18 +222,18 @@ class PipeComm:
                 self._local[key] = tensor
                 continue
             tensor = tensor.contiguous()
-            ops.append(dist.P2POp(dist.isend, tensor, self.ranks[dst], self.group, self._tag(key)))
-            tensors.append(tensor)
-        if not ops:
-            return
-        works = _Works(dist.batch_isend_irecv(ops))
-        if self._releaser is not None:
-            def release(works: _Works = works, tensors: list = tensors) -> None:
-                works.wait()  # the job, and with it ``tensors``, is dropped right after
+            channel = Channel(self.pp_rank, dst, key[0])
+            ops.append((channel, self._op(dist.isend, tensor, key, channel, dst)))
+            tensors.append((channel, tensor))
+        for batch_ops, batch_tensors in zip(_by_channel(ops).values(), _by_channel(tensors).values()):
+            works = _Works(dist.batch_isend_irecv(batch_ops))
+            if self._releaser is not None:
+                def release(works: _Works = works, tensors: list = batch_tensors) -> None:
+                    works.wait()  # the job, and with it ``tensors``, is dropped right after
 
-            self._releaser.submit(release)
-        else:
-            self._sends.append((works, tensors))
+                self._releaser.submit(release)
+            else:
+                self._sends.append((works, batch_tensors))
 
     def poll_sends(self) -> None:
         """Drop the tensors of completed sends (gloo: done by the helper thread)."""

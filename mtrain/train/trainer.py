@@ -8,6 +8,7 @@ honoured at the next step boundary on all ranks together: checkpoint, exit 0.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from mtrain.model.stats import flops_per_token
 from mtrain.parallel.env import detect_env
 from mtrain.parallel.groups import create_groups, init_distributed
 from mtrain.parallel.layout import build_layout
+from mtrain.pipeline.channels import create_p2p_channels
 from mtrain.pipeline.executor import PipelineExecutor
 from mtrain.pipeline.render import render_timeline
 from mtrain.pipeline.trace import bubble_percent, gather_traces, to_timelines, write_chrome_trace
@@ -95,8 +97,10 @@ class Trainer:
             name for (stage, direction), chunk in self.chunks.items() if direction == 0
             for name, _ in chunk.named_parameters() if chunk.is_first or not name.startswith("embed.")
         }
+        channels = create_p2p_channels(self.layout.groups["pp"], p.schedule, p.pp,
+                                       datetime.timedelta(seconds=cfg.train.collective_timeout_s))
         self.executor = PipelineExecutor(p.schedule, p.pp, self.pp_rank, p.num_microbatches, self.chunks,
-                                         self.layout.group_of("pp", self.rank), overlap=p.overlap)
+                                         self.layout.group_of("pp", self.rank), overlap=p.overlap, channels=channels)
         self.optimizer = ZeroAdamW(self.params, self.groups, cfg.train, zero=cfg.train.zero1)
         self.lr = LRSchedule(cfg.train)
 
