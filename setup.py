@@ -30,7 +30,8 @@ setup(
         "wandb>=0.17",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # triton runs the kernels' tests on CPU under TRITON_INTERPRET=1.
+        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0"],
         "gpu": ["transformer-engine[pytorch]", "triton>=3.0"],
         "tensorboard": ["tensorboard"],
     },

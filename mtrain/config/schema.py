@@ -55,6 +55,8 @@ class ModelConfig:
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 1.0
     init_std: float = 0.006
+    # Routed experts' grouped GEMM: auto | torch | triton (docs/kernels.md).
+    grouped_gemm: str = "auto"
     # Activation recompute: none | selective | full.
     recompute: str = "none"
 

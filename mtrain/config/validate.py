@@ -6,6 +6,7 @@ a process group or a tensor.
 """
 from __future__ import annotations
 
+from mtrain.model.moe.gemm_backends import KINDS as GEMM_KINDS
 from mtrain.parallel.layout import layout_errors, parse_order, LayoutError
 from mtrain.pipeline.schedule_rules import num_model_stages, schedule_errors
 from mtrain.train.lr import lr_schedule_errors
@@ -76,6 +77,7 @@ def _model_errors(m, tp: int, ep: int) -> list[str]:
     if m.rope_scaling_factor < 1.0:
         errors.append(f"model.rope_scaling_factor={m.rope_scaling_factor} must be >= 1 (1 disables YaRN)")
     _choice(errors, "model.recompute", m.recompute, RECOMPUTE)
+    _choice(errors, "model.grouped_gemm", m.grouped_gemm, GEMM_KINDS)
     return errors
 
 

@@ -6,55 +6,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtrain.model.moe.gemm_backends import grouped_gemm_backend
 from mtrain.model.params import tag
 from mtrain.model.wgrad import schedule_weight_grad
 
 
-def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    return list(torch.split(x, counts, dim=0))
-
-
-def grouped_matmul_reference(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of ``x`` grouped by expert (``counts`` rows each) times ``weight[e].T``."""
-    outs = [xe @ weight[e].t() for e, xe in enumerate(_split(x, counts))]
-    return torch.cat(outs, 0) if outs else x.new_empty(0, weight.shape[1])
-
-
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, counts):
+    def forward(ctx, x, weight, counts, gemm):
         ctx.save_for_backward(x, weight)
         ctx.param = weight  # see wgrad._Linear: deferred grads go to the real parameter
-        ctx.counts = counts
-        return grouped_matmul_reference(x, weight, counts)
+        ctx.counts, ctx.gemm = counts, gemm
+        return gemm.forward(x, weight, counts)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        counts = ctx.counts
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.cat([g @ weight[e] for e, g in enumerate(_split(grad_out, counts))], 0)
+        counts, gemm = ctx.counts, ctx.gemm
+        grad_x = gemm.grad_input(grad_out, weight, counts) if ctx.needs_input_grad[0] else None
 
         def weight_grad():
-            return torch.stack([g.t() @ xe for g, xe in zip(_split(grad_out, counts), _split(x, counts))])
+            return gemm.grad_weight(grad_out, x, counts)
 
         if not ctx.needs_input_grad[1] or schedule_weight_grad([(ctx.param, weight_grad)]):
-            return grad_x, None, None
-        return grad_x, weight_grad(), None
+            return grad_x, None, None, None
+        return grad_x, weight_grad(), None, None
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], backend: str = "torch") -> torch.Tensor:
     """The grouped-GEMM entry point: ``x`` [R, in] grouped by expert, ``weight``
-    [E, out, in]. Its weight gradient can be deferred like :func:`linear`'s."""
-    return _GroupedLinear.apply(x, weight, [int(c) for c in counts])
+    [E, out, in]; ``backend`` is a ``model.grouped_gemm`` value. Its weight
+    gradient can be deferred like :func:`linear`'s."""
+    return _GroupedLinear.apply(x, weight, [int(c) for c in counts], grouped_gemm_backend(backend))
 
 
 class GroupedExperts(nn.Module):
-    """``num_local`` SwiGLU experts: down(silu(gate(x)) * up(x)) per expert."""
+    """``num_local`` SwiGLU experts: down(silu(gate(x)) * up(x)) per expert.
+    ``grouped_gemm`` picks the GEMM backend (``model.grouped_gemm``)."""
 
-    def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float):
+    def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float, grouped_gemm: str = "auto"):
         super().__init__()
+        grouped_gemm_backend(grouped_gemm)  # fail at construction, not at the first step
+        self.grouped_gemm = grouped_gemm
         self.gate = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True)
         self.up = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True)
         self.down = tag(nn.Parameter(torch.empty(num_local, hidden, ffn)), expert=True)
@@ -62,5 +55,6 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(w, std=init_std)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        act = F.silu(grouped_linear(x, self.gate, tokens_per_expert)) * grouped_linear(x, self.up, tokens_per_expert)
-        return grouped_linear(act, self.down, tokens_per_expert)
+        counts, gemm = tokens_per_expert, self.grouped_gemm
+        act = F.silu(grouped_linear(x, self.gate, counts, gemm)) * grouped_linear(x, self.up, counts, gemm)
+        return grouped_linear(act, self.down, counts, gemm)

@@ -24,7 +24,8 @@ class MoELayer(nn.Module):
         ep = 1 if ep_group is None else dist.get_world_size(ep_group)
         self.tp_group = tp_group
         self.router = Router(cfg, cfg.init_std)
-        self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.init_std)
+        self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size, cfg.moe_ffn_hidden_size,
+                                      cfg.init_std, cfg.grouped_gemm)
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std)
                        if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)

@@ -1,0 +1,123 @@
+"""Backends of the routed experts' grouped GEMM (``model.grouped_gemm``).
+
+Three products cover a grouped linear layer with ``x`` [R, in] grouped by
+expert (``counts[e]`` rows each) and ``weight`` [E, out, in]:
+
+* ``forward``      ``y[rows of e]  = x[rows of e] @ weight[e]^T``
+* ``grad_input``   ``dx[rows of e] = dy[rows of e] @ weight[e]``
+* ``grad_weight``  ``dw[e]         = dy[rows of e]^T @ x[rows of e]``
+
+``torch`` loops over experts with plain matmuls (the reference, any device);
+``triton`` runs :mod:`mtrain.kernels.grouped_gemm` (one launch for all experts;
+CUDA, or CPU under ``TRITON_INTERPRET=1``); ``auto`` uses triton for CUDA
+tensors when it imports, torch otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+
+import torch
+
+from mtrain.kernels import triton_interpreting
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "torch", "triton")
+_INSTALL_HINT = ("model.grouped_gemm=triton needs the triton package: pip install triton "
+                 "(or set model.grouped_gemm=torch)")
+
+
+def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(x, counts, dim=0))
+
+
+class TorchGroupedGemm:
+    """The reference: one matmul per expert."""
+
+    name = "torch"
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outs = [xe @ weight[e].t() for e, xe in enumerate(_split(x, counts))]
+        return torch.cat(outs, 0) if outs else x.new_empty(0, weight.shape[1])
+
+    @staticmethod
+    def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outs = [g @ weight[e] for e, g in enumerate(_split(grad_out, counts))]
+        return torch.cat(outs, 0) if outs else grad_out.new_empty(0, weight.shape[2])
+
+    @staticmethod
+    def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return torch.stack([g.t() @ xe for g, xe in zip(_split(grad_out, counts), _split(x, counts))])
+
+
+class TritonGroupedGemm:
+    """The Triton kernels of :mod:`mtrain.kernels.grouped_gemm`."""
+
+    name = "triton"
+
+    def __init__(self):
+        from mtrain.kernels import grouped_gemm
+
+        self._k = grouped_gemm
+
+    def forward(self, x, weight, counts):
+        return self._k.grouped_matmul(x, weight.transpose(1, 2), counts)
+
+    def grad_input(self, grad_out, weight, counts):
+        return self._k.grouped_matmul(grad_out, weight, counts)
+
+    def grad_weight(self, grad_out, x, counts):
+        return self._k.grouped_weight_grad(grad_out, x, counts)
+
+
+class AutoGroupedGemm:
+    """Triton for CUDA tensors, torch for the rest (CPU runs, CPU tests)."""
+
+    name = "auto"
+
+    def __init__(self, triton_backend: TritonGroupedGemm | None):
+        self._triton = triton_backend
+
+    def _pick(self, x: torch.Tensor):
+        return self._triton if self._triton is not None and x.is_cuda else TorchGroupedGemm
+
+    def forward(self, x, weight, counts):
+        return self._pick(x).forward(x, weight, counts)
+
+    def grad_input(self, grad_out, weight, counts):
+        return self._pick(grad_out).grad_input(grad_out, weight, counts)
+
+    def grad_weight(self, grad_out, x, counts):
+        return self._pick(x).grad_weight(grad_out, x, counts)
+
+
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except ImportError:
+        return False
+
+
+@functools.cache
+def grouped_gemm_backend(kind: str = "auto"):
+    """The backend object for ``kind``; fails at once (naming the package or
+    the setting to change) when ``triton`` cannot run here."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model.grouped_gemm={kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "torch":
+        return TorchGroupedGemm
+    if kind == "triton":
+        if not _triton_importable():
+            raise ImportError(_INSTALL_HINT)
+        if not torch.cuda.is_available() and not triton_interpreting():
+            raise RuntimeError("model.grouped_gemm=triton needs CUDA, or TRITON_INTERPRET=1 to run the kernels "
+                               "(slowly) on CPU; set model.grouped_gemm=torch or auto")
+        return TritonGroupedGemm()
+    use_triton = torch.cuda.is_available() and _triton_importable()
+    log.info("model.grouped_gemm=auto: %s", "triton kernels for CUDA tensors" if use_triton
+             else "torch (no CUDA)" if not torch.cuda.is_available() else "torch (triton is not installed)")
+    return AutoGroupedGemm(TritonGroupedGemm() if use_triton else None)
