@@ -100,3 +100,18 @@ def test_step_trace_written(tmp_path):
         assert "experts" in names and "attn" in names
     png = (tmp_path / "trace" / "step_000002.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_bf16_with_async_checkpoints_trains_and_resumes(tmp_path):
+    overrides = DUALPIPE_EP2 + ["train.dtype=bf16", "checkpoint.async_save=true", "checkpoint.interval=2",
+                                "train.steps=6", "train.exit_interval=4"]
+    first = train(4, overrides, tmp_path)
+    assert sorted(first) == [1, 2, 3, 4]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip().endswith("step_000004")
+    resumed = train(4, overrides, tmp_path)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    losses = [resumed[s]["loss"] for s in range(1, 7)]
+    assert all(l == l for l in losses) and losses[-1] < losses[0]
+    straight = train(4, overrides[:-1], tmp_path / "straight")
+    # fp32 master weights and moments are checkpointed: bf16 resumes exactly too.
+    assert [straight[s]["loss"] for s in (5, 6)] == [resumed[s]["loss"] for s in (5, 6)]

@@ -125,3 +125,16 @@ def test_deferred_weight_grads_build_no_graph():
         model(batch(cfg))["loss"].backward()
     pending.run()
     assert not any(p.grad.requires_grad for p in model.parameters())
+
+
+def test_recompute_modes_give_identical_results():
+    results = {}
+    for mode in ("none", "selective", "full"):
+        cfg, model = tiny(f"model.recompute={mode}")
+        out = model(batch(cfg))
+        out["loss"].backward()
+        results[mode] = (out["loss"].detach(), grads(model))
+    for mode in ("selective", "full"):
+        assert torch.equal(results[mode][0], results["none"][0]), mode
+        for name, g in results["none"][1].items():
+            torch.testing.assert_close(results[mode][1][name], g, rtol=0, atol=0, msg=f"{mode} {name}")
