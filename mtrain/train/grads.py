@@ -66,7 +66,8 @@ def global_grad_norm(params: dict, counted: set, owned: set, groups) -> torch.Te
     dense parameters are counted on TP index 0 only; TP shards everywhere.
     """
     tp_index = 0 if groups is None else groups.index("tp")
-    total = torch.zeros((), dtype=torch.float64)
+    device = next(iter(params.values())).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for name in counted & owned:
         p = params[name]
         m = meta(p)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from mtrain.config.validate import ConfigError, check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
+from mtrain.model.moe.layer import MoELayer
 from mtrain.model.stage import build_chunks, unique_parameters
 from mtrain.model.stats import flops_per_token
 from mtrain.parallel.env import detect_env
@@ -82,9 +84,12 @@ class Trainer:
             setup_logging(self.run_dir, self.rank)
         torch.manual_seed(cfg.train.seed + self.rank)
 
+        on_gpu = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.chunks = build_chunks(cfg, self.groups, self.pp_rank)
-        if cfg.train.dtype == "bf16":
-            for chunk in self.chunks.values():
+        for chunk in self.chunks.values():
+            chunk.to(self.device)
+            if cfg.train.dtype == "bf16":  # buffers (router bias, loads) stay fp32
                 for param in chunk.parameters():
                     param.data = param.data.to(torch.bfloat16)
         self.params = unique_parameters(self.chunks)
@@ -130,7 +135,7 @@ class Trainer:
         self._stop_requested = True
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -140,7 +145,7 @@ class Trainer:
             if counted_only and direction != 0:
                 continue
             for name, module in chunk.named_modules():
-                if module.__class__.__name__ == "MoELayer":
+                if isinstance(module, MoELayer):
                     out.append((name, module))
         return out
 
@@ -161,6 +166,7 @@ class Trainer:
             "data": self.loader.state_dict(),
             "lr": self.lr.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "world_size": self.world,
             "layout": {k: getattr(self.layout, k) for k in ("tp", "ep", "pp", "dp", "schedule")},
         }
@@ -183,6 +189,8 @@ class Trainer:
         self.loader.load_state_dict(extra["data"])
         if extra.get("world_size") == self.world and "rng" in extra:
             torch.set_rng_state(extra["rng"])
+            if extra.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(extra["cuda_rng"])
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -190,7 +198,8 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        batches = [{"input_ids": x, "labels": y} for x, y in self.loader.next_step()]
+        batches = [{"input_ids": x.to(self.device, non_blocking=True), "labels": y.to(self.device, non_blocking=True)}
+                   for x, y in self.loader.next_step()]
         self.optimizer.zero_grad()
         self.executor.trace = self.step + 1 == cfg.logging.trace_step
         with self.phase("pipeline step"):
@@ -202,7 +211,7 @@ class Trainer:
             norm = global_grad_norm(self.params, self.counted, self.optimizer.owned, self.groups)
         losses = self._global_losses(result)
         lr = self.lr.lr(self.step)
-        finite = bool(torch.isfinite(norm)) and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+        finite = bool(torch.isfinite(norm)) and all(math.isfinite(v) for v in losses.values())
         if finite:
             self.bad_steps = 0
             if cfg.train.grad_clip > 0 and norm > cfg.train.grad_clip:
@@ -225,7 +234,7 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - t0
         speed = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.world, cfg.cluster.peak_tflops)
-        bubble = torch.tensor([result.idle / max(result.wall, 1e-9)])
+        bubble = torch.tensor([result.idle / max(result.wall, 1e-9)], device=self.device)
         dist.all_reduce(bubble)
         return {
             "step": self.step, **losses, "grad_norm": float(norm), "lr": lr,
@@ -253,7 +262,7 @@ class Trainer:
         """Mean losses over every micro-batch of every data-parallel replica."""
         keys = ("loss", "lm_loss", "mtp_loss", "aux_loss")
         speaks = self.groups.index("tp") == 0
-        sums = torch.zeros(len(keys) + 2, dtype=torch.float64)
+        sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=self.device)
         if speaks:
             for mb, loss in result.losses.items():
                 sums[0] += loss

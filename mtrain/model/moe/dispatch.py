@@ -128,11 +128,12 @@ def expert_major_index(counts: torch.Tensor) -> torch.Tensor:
     sources, experts = counts.shape
     starts = torch.cumsum(counts.flatten(), 0) - counts.flatten()
     starts = starts.view(sources, experts)
+    starts, counts_list = starts.tolist(), counts.tolist()
     pieces = [
-        torch.arange(int(starts[s, e]), int(starts[s, e] + counts[s, e]))
+        torch.arange(starts[s][e], starts[s][e] + counts_list[s][e], device=counts.device)
         for e in range(experts) for s in range(sources)
     ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=counts.device)
 
 
 class Dispatcher:

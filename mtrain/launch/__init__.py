@@ -1,0 +1,1 @@
+"""Launcher-side helpers: Slurm batch scripts, requeue after the time-limit warning."""
