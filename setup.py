@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mtrain", "mtrain.*"]) + ["mtrain.kernels", "mtrain.configs"],
     package_dir={"mtrain.kernels": "kernels", "mtrain.configs": "configs"},
-    package_data={"mtrain.configs": ["*.yaml", "*/*.yaml"]},
+    package_data={"mtrain.configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "hydra-core>=1.3",
@@ -31,14 +31,16 @@ setup(
     ],
     extras_require={
         # triton runs the kernels' tests on CPU under TRITON_INTERPRET=1.
-        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0"],
+        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "hydra-submitit-launcher>=1.2"],
         "gpu": ["transformer-engine[pytorch]", "triton>=3.0"],
         "tensorboard": ["tensorboard"],
+        "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={
         "console_scripts": [
             "mtrain-train=mtrain.cli.train:main",
             "mtrain-plan=mtrain.cli.plan:main",
+            "mtrain-sbatch=mtrain.launch.sbatch:main",
             "mtrain-schedule=mtrain.cli.schedule:main",
         ],
     },

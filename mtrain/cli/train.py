@@ -33,7 +33,9 @@ def _app(cfg: DictConfig) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sys.exit(code)
+    # Returning (not sys.exit(0)) lets a Hydra launcher such as submitit record the result.
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from mtrain.config.validate import ConfigError, check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
+from mtrain.launch.requeue import requeue_if_warned
 from mtrain.model.moe.layer import MoELayer
 from mtrain.model.stage import build_chunks, unique_parameters
 from mtrain.model.stats import flops_per_token
@@ -67,6 +68,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stop_requested = False
+        self._stop_signal = None
         env = detect_env()
         check_config(cfg, env.world_size)
         if cfg.parallel.expert_tp > 1:
@@ -133,6 +135,7 @@ class Trainer:
     def _request_stop(self, signum, frame):
         log.warning("rank %d: received signal %d, will checkpoint and stop at the next step boundary", self.rank, signum)
         self._stop_requested = True
+        self._stop_signal = signum
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
@@ -323,6 +326,7 @@ class Trainer:
                     ckpt.wait_pending()
                     if self.rank == 0:
                         log.warning("stopped at step %d; checkpoint written", self.step)
+                    requeue_if_warned(self._stop_signal)  # Slurm's time-limit warning: come back later
                     return 0
                 if last or self.step % cfg.checkpoint.interval == 0:
                     self.save()
