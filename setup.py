@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         # triton runs the kernels' tests on CPU under TRITON_INTERPRET=1.
-        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "hydra-submitit-launcher>=1.2"],
+        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "hydra-submitit-launcher>=1.2", "tensorboard"],
         "gpu": ["transformer-engine[pytorch]", "triton>=3.0"],
         "tensorboard": ["tensorboard"],
         "slurm": ["hydra-submitit-launcher>=1.2"],
