@@ -138,3 +138,17 @@ def test_recompute_modes_give_identical_results():
         assert torch.equal(results[mode][0], results["none"][0]), mode
         for name, g in results["none"][1].items():
             torch.testing.assert_close(results[mode][1][name], g, rtol=0, atol=0, msg=f"{mode} {name}")
+
+
+def test_deepep_dispatcher_absent_fails_naming_the_package():
+    import pytest
+
+    from mtrain.model.moe.deepep import available
+    from mtrain.model.moe.dispatch import make_dispatcher
+
+    if available():
+        pytest.skip("deep_ep is installed here")
+    with pytest.raises(ImportError, match="deep_ep"):
+        make_dispatcher("deepep", num_experts=8)
+    # auto falls back to the torch.distributed path without CUDA / DeepEP.
+    assert make_dispatcher("auto", num_experts=8).name == "local"
