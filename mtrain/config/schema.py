@@ -128,7 +128,7 @@ class DataConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = 10  # console/wandb every N steps; metrics.jsonl gets every step
     progress: bool = True
     wandb: bool = True
     wandb_mode: str = "offline"  # offline | online | disabled

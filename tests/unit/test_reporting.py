@@ -22,7 +22,7 @@ LOADS = {"layers.1.mlp": [1.0, 2.0, 3.0, 4.0], "layers.10.mlp": [4.0, 4.0, 4.0, 
 
 
 def config(*overrides):
-    return load_config(["train.steps=4", "logging.wandb=false", "logging.progress=false", *overrides])
+    return load_config(["train.steps=4", "logging.wandb=false", "logging.progress=false", "logging.log_interval=1", *overrides])
 
 
 def step_metrics(step: int, **overrides) -> dict:
