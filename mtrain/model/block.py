@@ -23,6 +23,7 @@ class ModelGroups:
 
     tp: Optional[object] = None
     ep: Optional[object] = None
+    expert_tp: Optional[object] = None
     dispatcher: str = "auto"
     deepep_num_sms: int = 20
 
@@ -44,7 +45,7 @@ class DecoderLayer(nn.Module):
         if layer_idx < cfg.first_k_dense:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std)
         else:
-            self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms)
+            self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp)
 
     @property
     def is_moe(self) -> bool:

@@ -29,7 +29,8 @@ def coords_of(groups) -> dict:
 def model_groups(cfg, groups) -> ModelGroups:
     if groups is None:
         return ModelGroups(dispatcher=cfg.parallel.dispatcher, deepep_num_sms=cfg.parallel.deepep_num_sms)
-    return ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), dispatcher=cfg.parallel.dispatcher,
+    return ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), expert_tp=groups.group("expert_tp"),
+                       dispatcher=cfg.parallel.dispatcher,
                        deepep_num_sms=cfg.parallel.deepep_num_sms)
 
 

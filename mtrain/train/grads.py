@@ -2,10 +2,11 @@
 
 Which ranks hold a copy of a parameter follows from its tag and the layout:
 dense parameters are replicated over ``dp``, expert parameters over
-``expert_dp``; DualPipe holds every stage twice (``dualpipe_pair``); with
-pp > 1 and MTP the last stage keeps a copy of the embedding (``embedding``).
-Every copy must end the step with the same gradient, and the norm must count
-each logical parameter exactly once.
+``expert_dp`` (split, never replicated, over ``expert_tp``); DualPipe holds
+every stage twice (``dualpipe_pair``); with pp > 1 and MTP the last stage
+keeps a copy of the embedding (``embedding``). Every copy must end the step
+with the same gradient, and the norm must count each logical parameter
+exactly once.
 """
 from __future__ import annotations
 
@@ -57,21 +58,22 @@ def reduce_gradients(params: dict, groups, schedule: str, pp: int, has_embedding
             p.grad.div_(dp)
 
 
-def global_grad_norm(params: dict, counted: set, owned: set, groups) -> torch.Tensor:
+def global_grad_norm(params: dict, counted: set, representative: set, groups) -> torch.Tensor:
     """sqrt of the sum of squared gradients over every logical parameter once.
 
     ``counted``: names this rank speaks for among its pipeline copies (DualPipe
-    copies and the MTP embedding copy excluded); ``owned``: names whose
-    optimizer state this rank owns (one owner per replica group). TP-replicated
-    dense parameters are counted on TP index 0 only; TP shards everywhere.
+    copies and the MTP embedding copy excluded); ``representative``: names this
+    rank speaks for in their replica group (one rank per group). Dense
+    parameters replicated over TP are counted on TP index 0 only, TP shards
+    everywhere; likewise expert parameters over expert_tp.
     """
-    tp_index = 0 if groups is None else groups.index("tp")
     device = next(iter(params.values())).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for name in counted & owned:
+    for name in counted & representative:
         p = params[name]
         m = meta(p)
-        if tp_index != 0 and not m.expert and m.shard_group != "tp":
+        split_kind = "expert_tp" if m.expert else "tp"
+        if m.shard_group != split_kind and groups is not None and groups.index(split_kind) != 0:
             continue
         total += p.grad.double().pow(2).sum()
     if groups is not None:

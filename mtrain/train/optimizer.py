@@ -41,11 +41,16 @@ class ZeroAdamW:
         self.betas = (train_cfg.beta1, train_cfg.beta2)
         self.eps = train_cfg.eps
         self.weight_decay = train_cfg.weight_decay
-        sizes = {k: (groups.size(k) if groups is not None and zero else 1) for k in ("dp", "expert_dp")}
+        kinds = ("dp", "expert_dp")
+        sizes = {k: (groups.size(k) if groups is not None else 1) for k in kinds}
+        my_index = {k: (groups.index(k) if groups is not None else 0) for k in kinds}
         self.owner_index = assign_owners(params, sizes)
+        # One rank per replica group speaks for each parameter (the gradient
+        # norm counts it there), with or without ZeRO.
+        self.representative = {n for n, i in self.owner_index.items() if i == my_index[replica_kind(params[n])]}
         self.zero = zero and groups is not None
-        my_index = {k: (groups.index(k) if self.zero else 0) for k in ("dp", "expert_dp")}
-        self.owned = {n for n, i in self.owner_index.items() if i == my_index[replica_kind(params[n])]}
+        # Without ZeRO every rank keeps every state and updates every parameter.
+        self.owned = self.representative if self.zero else set(params)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         for name in sorted(self.owned):
             p = params[name]

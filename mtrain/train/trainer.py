@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mtrain.config.validate import ConfigError, check_config
+from mtrain.config.validate import check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
 from mtrain.launch.requeue import requeue_if_warned
@@ -71,10 +71,6 @@ class Trainer:
         self._stop_signal = None
         env = detect_env()
         check_config(cfg, env.world_size)
-        if cfg.parallel.expert_tp > 1:
-            raise ConfigError([f"parallel.expert_tp={cfg.parallel.expert_tp}: the layout and mtrain-plan support "
-                               f"splitting experts over expert_tp, the model does not yet; use expert_tp=1 "
-                               f"(experts still fold over the tp x dp ranks of a stage through ep)"])
         self.env = init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_s, env)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         p = cfg.parallel
@@ -211,7 +207,7 @@ class Trainer:
             self._write_trace(result.trace)
         with self.phase("gradient reduction"):
             reduce_gradients(self.params, self.groups, cfg.parallel.schedule, cfg.parallel.pp, self.has_embedding_copy)
-            norm = global_grad_norm(self.params, self.counted, self.optimizer.owned, self.groups)
+            norm = global_grad_norm(self.params, self.counted, self.optimizer.representative, self.groups)
         losses = self._global_losses(result)
         lr = self.lr.lr(self.step)
         finite = bool(torch.isfinite(norm)) and all(math.isfinite(v) for v in losses.values())

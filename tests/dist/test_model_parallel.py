@@ -1,4 +1,4 @@
-"""TP and EP against the single-process model: same weights, same data, fp32.
+"""TP, EP and expert TP against the single-process model: same weights, same data, fp32.
 
 Tolerance: rtol 1e-4, atol 2e-6 (different all-reduce summation orders; the
 values are O(1e-2) to O(1)).
@@ -31,13 +31,14 @@ def data(dp_index: int, batch=2, seq=16):
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
 
-def _rank_run(world, tp, ep):
-    layout = build_layout(world, tp=tp, ep=ep)
+def _rank_run(world, tp, ep, expert_tp=1):
+    layout = build_layout(world, tp=tp, ep=ep, expert_tp=expert_tp)
     groups = create_groups(layout, timeout_s=30)
-    coords = {"tp": (groups.index("tp"), tp), "ep": (groups.index("ep"), ep)}
+    coords = {kind: (groups.index(kind), groups.size(kind)) for kind in ("tp", "ep", "expert_tp")}
     cfg = model_cfg()
     chunk = ModelChunk(cfg, list(range(cfg.num_layers)),
-                       groups=ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), dispatcher="alltoall"))
+                       groups=ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"),
+                                          expert_tp=groups.group("expert_tp"), dispatcher="alltoall"))
     initialize(chunk, SEED, cfg.init_std, coords)
     out = chunk(data(groups.index("dp")))
     out["loss"].backward()
@@ -59,9 +60,13 @@ def reference(dp_indices):
     return model, out
 
 
-@pytest.mark.parametrize("tp,ep,world", [(2, 1, 2), (1, 2, 2), (1, 4, 4), (2, 2, 2), (2, 2, 4), (2, 4, 4)])
-def test_tp_ep_match_single_process(tp, ep, world):
-    results = run_distributed(_rank_run, world, world, tp, ep, timeout=90)
+@pytest.mark.parametrize("tp,ep,expert_tp,world", [
+    (2, 1, 1, 2), (1, 2, 1, 2), (1, 4, 1, 4), (2, 2, 1, 2), (2, 2, 1, 4), (2, 4, 1, 4),
+    # Experts split in width over expert_tp (gathering rows of TP ranks, or of DP ranks).
+    (2, 1, 2, 2), (1, 1, 2, 2), (2, 2, 2, 4), (1, 2, 2, 4),
+])
+def test_tp_ep_match_single_process(tp, ep, expert_tp, world):
+    results = run_distributed(_rank_run, world, world, tp, ep, expert_tp, timeout=90)
     model, ref = reference(sorted({r["dp"] for r in results}))
     params = dict(model.named_parameters())
     for rank, res in enumerate(results):
@@ -72,7 +77,8 @@ def test_tp_ep_match_single_process(tp, ep, world):
             if m.expert:
                 # Every token of the stage reaches its experts exactly once across
                 # the expert-DP group (TP ranks dispatch distinct slices), so the
-                # expert-DP sum must equal the sum over all data.
+                # expert-DP sum must equal the sum over all data (of this rank's
+                # ep/expert_tp shard).
                 grad = sum(results[s]["grads"][name] for s in res["expert_dp"])
                 full = sum(g[name] for _, g in ref.values())
             else:

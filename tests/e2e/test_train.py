@@ -63,7 +63,11 @@ LAYOUTS = {
     "pp2_dualpipe": (2, ["parallel.pp=2", "parallel.ep=1", "parallel.schedule=dualpipe", "parallel.num_microbatches=4"]),
     "pp2_dualpipev": (2, ["parallel.pp=2", "parallel.ep=1", "parallel.schedule=dualpipev", "parallel.num_microbatches=4"]),
     "ep2": (2, ["parallel.pp=1", "parallel.ep=2", "parallel.schedule=1f1b", "parallel.num_microbatches=2"]),
+    "ep2_no_zero": (2, ["parallel.pp=1", "parallel.ep=2", "parallel.schedule=1f1b", "parallel.num_microbatches=2",
+                        "train.zero1=false"]),
     "tp2": (2, ["parallel.pp=1", "parallel.tp=2", "parallel.ep=1", "parallel.schedule=1f1b", "parallel.num_microbatches=4"]),
+    "etp2": (2, ["parallel.pp=1", "parallel.tp=2", "parallel.ep=1", "parallel.expert_tp=2", "parallel.schedule=1f1b",
+                 "parallel.num_microbatches=4"]),
 }
 
 
@@ -82,6 +86,17 @@ def test_reshard_resume_dualpipe_ep2_to_single(tmp_path):
     # One rank, same global batch: dp 2 x 4 micro-batches -> dp 1 x 8.
     single = ["parallel.pp=1", "parallel.ep=1", "parallel.schedule=1f1b", "parallel.num_microbatches=8"]
     resumed = train(1, single + ["train.steps=4", "checkpoint.interval=100"], tmp_path / "b")
+    assert resumed[4]["loss"] == pytest.approx(straight[4]["loss"], rel=1e-5)
+
+
+def test_reshard_resume_expert_tp2_to_single(tmp_path):
+    world, etp2 = LAYOUTS["etp2"]
+    straight = train(world, etp2 + ["train.steps=4", "checkpoint.interval=100"], tmp_path / "a")
+    train(world, etp2 + ["train.steps=4", "train.exit_interval=3", "checkpoint.interval=100"], tmp_path / "b")
+    # Experts saved split in width over expert_tp=2 load whole on one rank (dp is 1 in both).
+    resumed = train(1, LAYOUTS["pp1"][1] + ["train.steps=4", "checkpoint.interval=100"], tmp_path / "b")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # resumed at step 3, not restarted
     assert resumed[4]["loss"] == pytest.approx(straight[4]["loss"], rel=1e-5)
 
 

@@ -120,6 +120,9 @@ class DispatchPlan:
     regroup: Optional[torch.Tensor] = None  # received row -> expert-major position
     inverse_regroup: Optional[torch.Tensor] = None
     tokens_per_expert: list[int] = field(default_factory=list)
+    # [expert_tp, local experts] received rows of every expert_tp rank (expert_tp > 1),
+    # exchanged once per plan so recomputation does not repeat it.
+    expert_tp_counts: Optional[torch.Tensor] = None
 
 
 def expert_major_index(counts: torch.Tensor) -> torch.Tensor:

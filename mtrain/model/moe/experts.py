@@ -42,15 +42,20 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int], bac
 
 class GroupedExperts(nn.Module):
     """``num_local`` SwiGLU experts: down(silu(gate(x)) * up(x)) per expert.
-    ``grouped_gemm`` picks the GEMM backend (``model.grouped_gemm``)."""
+    ``grouped_gemm`` picks the GEMM backend (``model.grouped_gemm``). With
+    expert_tp > 1, ``ffn`` is this rank's slice of the expert width: gate/up
+    are split along dim 1, down along dim 2, and the output is a partial sum."""
 
     def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float, grouped_gemm: str = "auto"):
         super().__init__()
         grouped_gemm_backend(grouped_gemm)  # fail at construction, not at the first step
         self.grouped_gemm = grouped_gemm
-        self.gate = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True)
-        self.up = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True)
-        self.down = tag(nn.Parameter(torch.empty(num_local, hidden, ffn)), expert=True)
+        self.gate = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True, shard_dim=1,
+                        shard_group="expert_tp")
+        self.up = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True, shard_dim=1,
+                      shard_group="expert_tp")
+        self.down = tag(nn.Parameter(torch.empty(num_local, hidden, ffn)), expert=True, shard_dim=2,
+                        shard_group="expert_tp")
         for w in (self.gate, self.up, self.down):
             nn.init.normal_(w, std=init_std)
 

@@ -14,18 +14,25 @@ import torch.distributed as dist
 from mtrain.model.mlp import DenseMLP
 from mtrain.model.moe.dispatch import DispatchPlan, make_dispatcher
 from mtrain.model.moe.experts import GroupedExperts
+from mtrain.model.moe.expert_tp import group_counts, run_split_experts
 from mtrain.model.moe.router import Router, attach_aux_loss
 from mtrain.model.tp import gather_from_tp, scatter_to_tp, tp_rank, tp_size
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg, tp_group=None, ep_group=None, dispatcher: str = "auto", num_sms: int = 20):
+    def __init__(self, cfg, tp_group=None, ep_group=None, dispatcher: str = "auto", num_sms: int = 20,
+                 expert_tp_group=None):
         super().__init__()
         ep = 1 if ep_group is None else dist.get_world_size(ep_group)
+        expert_tp = 1 if expert_tp_group is None else dist.get_world_size(expert_tp_group)
+        if cfg.moe_ffn_hidden_size % expert_tp:
+            raise ValueError(f"model.moe_ffn_hidden_size={cfg.moe_ffn_hidden_size} does not split over "
+                             f"parallel.expert_tp={expert_tp}")
         self.tp_group = tp_group
+        self.expert_tp_group = expert_tp_group if expert_tp > 1 else None
         self.router = Router(cfg, cfg.init_std)
-        self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size, cfg.moe_ffn_hidden_size,
-                                      cfg.init_std, cfg.grouped_gemm)
+        self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size,
+                                      cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm)
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std)
                        if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)
@@ -60,7 +67,12 @@ class MoELayer(nn.Module):
 
     def compute_experts(self, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         grouped = self.dispatcher.regroup(received, plan)
-        out = self.experts(grouped, plan.tokens_per_expert)
+        if self.expert_tp_group is None:
+            out = self.experts(grouped, plan.tokens_per_expert)
+        else:
+            if plan.expert_tp_counts is None:
+                plan.expert_tp_counts = group_counts(plan.tokens_per_expert, self.expert_tp_group, received.device)
+            out = run_split_experts(self.experts, grouped, plan.expert_tp_counts, self.expert_tp_group)
         return self.dispatcher.unregroup(out, plan)
 
     def finish(self, rows: torch.Tensor, weights: torch.Tensor, x_norm: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

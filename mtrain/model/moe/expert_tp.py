@@ -1,0 +1,105 @@
+"""Expert tensor parallelism: each expert's ffn dimension split over ``expert_tp``.
+
+After the EP dispatch every rank of an expert_tp group holds its own rows for
+the same local experts. The experts step gathers the rows of the whole group
+(uneven counts per rank), runs the grouped GEMM on this rank's ffn shard
+(SwiGLU is elementwise, so the shard is exact up to the down projection, which
+yields partial sums) and reduce-scatters the partial sums so each rank gets
+back its own rows, complete. Gather and reduce-scatter are each other's
+gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mtrain.model.moe.dispatch import expert_major_index
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x.contiguous()
+    pad = x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))
+    return torch.cat([x, pad])
+
+
+def all_gather_rows(x: torch.Tensor, rows_per_rank: list[int], group) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (``rows_per_rank[j]`` rows on rank j) in rank order.
+    Pieces are padded to the largest count: collectives need equal sizes."""
+    most = max(rows_per_rank)
+    pieces = [x.new_empty((most,) + tuple(x.shape[1:])) for _ in rows_per_rank]
+    dist.all_gather(pieces, _padded(x, most), group=group)
+    return torch.cat([p[:n] for p, n in zip(pieces, rows_per_rank)])
+
+
+def reduce_scatter_rows(x: torch.Tensor, rows_per_rank: list[int], group) -> torch.Tensor:
+    """Sum ``x`` (every rank's rows in rank order) over the group; keep this rank's rows."""
+    rank = dist.get_rank(group)
+    start = sum(rows_per_rank[:rank])
+    if dist.get_backend(group) == "gloo":
+        # gloo has no reduce_scatter: all-reduce the whole tensor, keep our slice.
+        full = x.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        return full[start:start + rows_per_rank[rank]]
+    most = max(rows_per_rank)
+    pieces, offset = [], 0
+    for n in rows_per_rank:
+        pieces.append(_padded(x[offset:offset + n], most))
+        offset += n
+    out = x.new_empty((most,) + tuple(x.shape[1:]))
+    dist.reduce_scatter_tensor(out, torch.cat(pieces), group=group)
+    return out[:rows_per_rank[rank]]
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows_per_rank, group):
+        ctx.rows_per_rank, ctx.group = rows_per_rank, group
+        return all_gather_rows(x, rows_per_rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_rows(grad, ctx.rows_per_rank, ctx.group), None, None
+
+
+class _ReduceScatterRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rows_per_rank, group):
+        ctx.rows_per_rank, ctx.group = rows_per_rank, group
+        return reduce_scatter_rows(x, rows_per_rank, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_rows(grad, ctx.rows_per_rank, ctx.group), None, None
+
+
+def gather_rows(x: torch.Tensor, rows_per_rank: list[int], group) -> torch.Tensor:
+    """Differentiable :func:`all_gather_rows` (its gradient is the reduce-scatter)."""
+    return _GatherRows.apply(x, rows_per_rank, group)
+
+
+def scatter_rows(x: torch.Tensor, rows_per_rank: list[int], group) -> torch.Tensor:
+    """Differentiable :func:`reduce_scatter_rows` (its gradient is the all-gather)."""
+    return _ReduceScatterRows.apply(x, rows_per_rank, group)
+
+
+def group_counts(tokens_per_expert: list[int], group, device) -> torch.Tensor:
+    """[expert_tp, local experts]: every rank's received rows per local expert."""
+    mine = torch.tensor(tokens_per_expert, dtype=torch.long, device=device)
+    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, mine, group=group)
+    return torch.stack(counts)
+
+
+def run_split_experts(experts, grouped: torch.Tensor, counts: torch.Tensor, group) -> torch.Tensor:
+    """``experts`` (this rank's ffn shard) on the rows of the whole expert_tp group.
+
+    ``grouped``: this rank's rows, expert-major; ``counts``: :func:`group_counts`.
+    Returns this rank's rows of the full expert output, in the same order.
+    """
+    rows_per_rank = counts.sum(1).tolist()
+    gathered = gather_rows(grouped, rows_per_rank, group)  # (rank, expert)
+    order = expert_major_index(counts)  # -> (expert, rank): one block per expert
+    partial = experts(gathered.index_select(0, order), counts.sum(0).tolist())
+    partial = partial.index_select(0, torch.argsort(order))
+    return scatter_rows(partial, rows_per_rank, group)
