@@ -69,7 +69,7 @@ def global_grad_norm(params: dict, counted: set, representative: set, groups) ->
     """
     device = next(iter(params.values())).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for name in counted & representative:
+    for name in sorted(counted & representative):  # fixed order: bit-exact resumes
         p = params[name]
         m = meta(p)
         split_kind = "expert_tp" if m.expert else "tp"

@@ -186,6 +186,7 @@ class Trainer:
         self.step = extra["step"]
         self.optimizer.step_count = extra["optimizer_steps"]
         self.loader.load_state_dict(extra["data"])
+        self.lr.load_state_dict(extra.get("lr", {}))  # warns when the schedule changed
         if extra.get("world_size") == self.world and "rng" in extra:
             torch.set_rng_state(extra["rng"])
             if extra.get("cuda_rng") is not None and self.device.type == "cuda":
@@ -200,6 +201,8 @@ class Trainer:
         batches = [{"input_ids": x.to(self.device, non_blocking=True), "labels": y.to(self.device, non_blocking=True)}
                    for x, y in self.loader.next_step()]
         self.optimizer.zero_grad()
+        for _, moe in self.moe_layers():
+            moe.aux_loss_sum, moe.aux_loss_count = 0.0, 0
         self.executor.trace = self.step + 1 == cfg.logging.trace_step
         with self.phase("pipeline step"):
             result = self.executor.step(batches)
@@ -223,6 +226,8 @@ class Trainer:
         else:
             self.bad_steps += 1
             loads = {}
+            for _, moe in self.moe_layers():
+                moe.router.load.zero_()  # routing of a non-finite step must not steer the bias
             if self.rank == 0:
                 log.warning("step %d: non-finite loss or gradient norm, step skipped (%d in a row)",
                             self.step + 1, self.bad_steps)
@@ -268,9 +273,10 @@ class Trainer:
                 sums[1] += result.metrics.get(mb, {}).get("lm_loss", loss)
                 sums[2] += result.metrics.get(mb, {}).get("mtp_loss", 0.0)
                 sums[len(keys)] += 1
-            aux = [float(m.last_aux_loss) for _, m in self.moe_layers(counted_only=True)]
-            sums[3] += sum(aux)
-            sums[len(keys) + 1] += len(aux)
+            # Every copy of every MoE layer: each micro-batch passed one copy once.
+            for _, moe in self.moe_layers():
+                sums[3] += moe.aux_loss_sum
+                sums[len(keys) + 1] += moe.aux_loss_count
         dist.all_reduce(sums)
         count, aux_count = max(sums[len(keys)].item(), 1), max(sums[len(keys) + 1].item(), 1)
         out = {k: sums[i].item() / count for i, k in enumerate(keys[:3])}

@@ -83,12 +83,13 @@ def _skip_then_recover(world: int, overrides: list[str], run_dir: str):
     if handle is not None:
         handle.remove()
     after_bad = chunk_state(trainer)
+    loads_cleared = all(float(moe.router.load.abs().sum()) == 0 for _, moe in trainer.moe_layers())
     unchanged = all(torch.equal(before[k][n], after_bad[k][n]) for k in before for n in before[k])
     recovered = trainer.train_step()
     moved = any(not torch.equal(after_bad[k][n], t) for k, s in chunk_state(trainer).items() for n, t in s.items())
     return {
         "skipped": [first["skipped"], bad["skipped"], recovered["skipped"]],
-        "bad_loss": bad["loss"], "unchanged": unchanged, "moved_after": moved,
+        "bad_loss": bad["loss"], "unchanged": unchanged, "moved_after": moved, "loads_cleared": loads_cleared,
         "optimizer_steps_during_bad": trainer.optimizer.step_count - optimizer_steps - 1,
         "bad_steps_after_recovery": trainer.bad_steps,
     }
@@ -101,6 +102,7 @@ def test_non_finite_step_is_skipped_and_changes_nothing(tmp_path):
         assert r["skipped"] == [False, True, False], rank
         assert math.isnan(r["bad_loss"]), rank  # the poisoned loss reaches every rank
         assert r["unchanged"], rank
+        assert r["loads_cleared"], rank  # the bad step's routing does not steer the next bias update
         assert r["moved_after"], rank
         assert r["optimizer_steps_during_bad"] == 0, rank
         assert r["bad_steps_after_recovery"] == 0, rank

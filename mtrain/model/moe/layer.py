@@ -36,7 +36,8 @@ class MoELayer(nn.Module):
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std)
                        if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)
-        self.last_aux_loss = torch.zeros(())
+        # Sequence-wise aux loss values since the last reset (for logging).
+        self.aux_loss_sum, self.aux_loss_count = 0.0, 0
 
     def route(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
         """Rows to dispatch, their gates and the plan, for tokens ``x_norm`` [B, S, H].
@@ -51,7 +52,8 @@ class MoELayer(nn.Module):
         weights = routing.topk_weights
         if self.training and self.router.aux_alpha > 0:
             aux = self.router.sequence_aux_loss(routing, batch)
-            self.last_aux_loss = aux.detach()
+            self.aux_loss_sum += float(aux.detach())
+            self.aux_loss_count += 1
             weights = attach_aux_loss(weights, aux)
         idx = routing.topk_idx
         tp = tp_size(self.tp_group)

@@ -64,7 +64,6 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))
         # Tokens routed to each expert since the last bias update (this rank only).
         self.register_buffer("load", torch.zeros(self.num_experts), persistent=False)
-        self.last_aux_loss = 0.0
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.float(), self.weight.float())
