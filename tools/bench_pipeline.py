@@ -5,7 +5,7 @@ step with the simulator's prediction.
   python tools/bench_pipeline.py --synthetic --pp 4 --microbatches 8 --cost F=20,B=40,W=20,FB=60
   python tools/bench_pipeline.py --model tiny --pp 2 --microbatches 4
 
-``--synthetic``: every stage is a :class:`~mtrain.pipeline.toy.SleepChunk` that
+``--synthetic``: every stage is a :class:`~mtrain.testing.toy.SleepChunk` that
 sleeps (``--busy``: spins) ``F`` ms forward, ``B - W`` ms for the input gradient
 and ``W`` ms for the weight gradient; when ``FB < F + B`` each chunk gets an
 exchange (a timer) of ``F + B - FB`` ms in all, split between forward and
@@ -48,7 +48,7 @@ from mtrain.pipeline.instructions import Overlap, dependencies, done_key
 from mtrain.pipeline.render import render_timeline
 from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, num_model_stages, schedule_errors
 from mtrain.pipeline.simulate import simulate
-from mtrain.pipeline.toy import SleepChunk, sleep_ms
+from mtrain.testing.toy import SleepChunk, sleep_ms
 from mtrain.pipeline.trace import idle_per_rank, makespan, to_timelines, write_chrome_trace
 from mtrain.testing import run_distributed
 
@@ -138,13 +138,14 @@ def synthetic_worker(schedule: str, pp: int, n: int, costs: dict, shape: tuple, 
 
 def model_worker(schedule: str, pp: int, n: int, model: str, steps: int):
     from mtrain.config.loading import load_config
-    from mtrain.model.stage import build_chunks
+    from mtrain.pipeline.stages import build_chunks
     from mtrain.parallel.groups import create_groups
     from mtrain.parallel.layout import build_layout
+    from mtrain.pipeline.schedule_rules import copy_groups
 
     cfg = load_config([f"model={model}", "parallel.ep=1", f"parallel.pp={pp}", f"parallel.schedule={schedule}",
                        f"parallel.num_microbatches={n}", "parallel.dispatcher=local"])
-    groups = create_groups(build_layout(pp, pp=pp, schedule=schedule))
+    groups = create_groups(build_layout(pp, pp=pp, stage_copies=copy_groups(schedule, pp)))
     chunks = build_chunks(cfg, groups, pp_rank=dist.get_rank())
     g = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
@@ -376,7 +377,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.model:
         try:
             from mtrain.config.loading import load_config
-            from mtrain.model.stage import build_chunks  # noqa: F401
+            from mtrain.pipeline.stages import build_chunks  # noqa: F401
         except ImportError as e:
             print(f"error: --model needs mtrain.model.stage.build_chunks ({e})", file=sys.stderr)
             return 2

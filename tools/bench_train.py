@@ -164,10 +164,10 @@ class PeerStage(nn.Module):
         if self.chunk.is_last:
             return x
         if self.chunk.is_first:
-            return self.chunk({"input_ids": x})["hidden"]
+            return self.chunk({"input_ids": x}).hidden
         # Middle stages only need the sequence shape (for the rotary tables).
         ids = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
-        return self.chunk({"input_ids": ids}, received=x)["hidden"]
+        return self.chunk({"input_ids": ids}, received=x).hidden
 
 
 def chunk_loss(chunk: Optional[nn.Module]) -> Callable:
@@ -177,7 +177,7 @@ def chunk_loss(chunk: Optional[nn.Module]) -> Callable:
     def loss_fn(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if chunk is None:
             raise RuntimeError("this rank holds no last stage and computes no loss")
-        return chunk({"input_ids": target[..., 0], "labels": target[..., 1]}, received=hidden)["loss"]
+        return chunk({"input_ids": target[..., 0], "labels": target[..., 1]}, received=hidden).loss
     return loss_fn
 
 
@@ -186,15 +186,15 @@ def torch_peer_worker(kind: str, overrides: list[str], warmup: int, steps: int) 
 
     from mtrain.data.build import build_gpt_dataset
     from mtrain.data.gpt_dataset import StepLoader
-    from mtrain.model.moe.router import set_aux_loss_scale
-    from mtrain.model.stage import build_chunks
+    from mtrain.pipeline.stages import build_chunks
     from mtrain.parallel.groups import create_groups
     from mtrain.parallel.layout import build_layout
+    from mtrain.pipeline.schedule_rules import copy_groups
 
     cfg = load_config(overrides + [f"parallel.schedule={kind}"])
     p = cfg.parallel
     rank, world = dist.get_rank(), dist.get_world_size()
-    layout = build_layout(world, p.tp, p.ep, p.expert_tp, p.pp, p.order, p.schedule)
+    layout = build_layout(world, p.tp, p.ep, p.expert_tp, p.pp, p.order, copy_groups(p.schedule, p.pp))
     groups = create_groups(layout)
     chunks = build_chunks(cfg, groups, layout.pp_rank(rank))
     # Example inputs and outputs make the stages static: torch's runtime shape
@@ -214,8 +214,7 @@ def torch_peer_worker(kind: str, overrides: list[str], warmup: int, steps: int) 
     else:
         schedule = Schedule1F1B(stages[0], n, loss_fn=loss_fn)
     # torch divides the gradients by n after the step (scale_grads), the
-    # router's auxiliary-loss gradient included.
-    set_aux_loss_scale(1.0)
+    # router's auxiliary-loss gradient included: its scale stays 1 (the default).
 
     loader = StepLoader(build_gpt_dataset(cfg.data, cfg.model.vocab_size), cfg.train.micro_batch_size, n,
                         groups.index("dp"), groups.size("dp"))

@@ -2,7 +2,8 @@
 
     mtrain-plan parallel.pp=4 parallel.schedule=dualpipev output=json
 
-Exit status 2 when the config is invalid.
+Exit status 2 when the config is invalid (a bad choice such as
+``parallel.schedule=gpipe`` is reported on stderr even with ``output=json``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mtrain.config.loading import override_errors
 from mtrain.config.schema import register_configs
-from mtrain.plan import format_plan, make_plan
+from mtrain.config.validate import ConfigError
+from mtrain.cli.planning import format_plan, make_plan
 
 
 @hydra.main(config_path="pkg://mtrain.configs", config_name="plan", version_base="1.3")
@@ -30,6 +33,11 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # A bad choice fails Hydra's composition with a multi-line report; say it in one line first.
+    errors = override_errors(sys.argv[1:])
+    if errors:
+        print(ConfigError(errors), file=sys.stderr)
+        sys.exit(2)
     register_configs()
     _app()
 

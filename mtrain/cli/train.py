@@ -15,6 +15,7 @@ import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from mtrain.config.loading import override_errors
 from mtrain.config.schema import register_configs
 from mtrain.config.validate import ConfigError
 
@@ -39,6 +40,11 @@ def _app(cfg: DictConfig) -> int:
 
 
 def main() -> None:
+    # A bad choice fails Hydra's composition with a multi-line report; say it in one line first.
+    errors = override_errors(sys.argv[1:])
+    if errors:
+        print(ConfigError(errors), file=sys.stderr)
+        sys.exit(2)
     register_configs()
     _app()
 

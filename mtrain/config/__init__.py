@@ -1,28 +1,53 @@
-"""The config tree: dataclass schemas registered with Hydra, and validation."""
+"""The config tree: dataclass schemas registered with Hydra, their choice
+enums, and the rules that need nothing but the config. The complete check,
+with the layout, schedule and learning-rate rules, is
+:func:`mtrain.train.preflight.check_config`."""
 from mtrain.config.schema import (
+    Backend,
     CheckpointConfig,
+    Choice,
     ClusterConfig,
     Config,
     DataConfig,
+    Dispatcher,
+    Dtype,
+    GroupedGemm,
     LoggingConfig,
+    LrSchedule,
     ModelConfig,
+    Output,
     ParallelConfig,
+    Recompute,
+    Schedule,
+    ScoreFunc,
     TrainConfig,
+    WandbMode,
     register_configs,
 )
-from mtrain.config.validate import ConfigError, check_config, config_errors
+from mtrain.config.validate import ConfigError, field_errors, planned_world_size
 
 __all__ = [
+    "Backend",
     "CheckpointConfig",
+    "Choice",
     "ClusterConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "Dispatcher",
+    "Dtype",
+    "GroupedGemm",
     "LoggingConfig",
+    "LrSchedule",
     "ModelConfig",
+    "Output",
     "ParallelConfig",
+    "Recompute",
+    "Schedule",
+    "ScoreFunc",
     "TrainConfig",
-    "check_config",
-    "config_errors",
+    "WandbMode",
+    "field_errors",
+    "planned_world_size",
     "register_configs",
 ]

@@ -1,16 +1,76 @@
-"""Compose the config tree outside a Hydra app (tests, tools, notebooks)."""
+"""Compose the config tree outside a Hydra app (tests, tools, notebooks), and
+check command-line choices before Hydra composes them."""
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Iterable
+
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, OverrideType
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
-from mtrain.config.schema import register_configs
+from mtrain.config.schema import Choice, Config, register_configs
+from mtrain.config.validate import ConfigError
 
 CONFIG_MODULE = "mtrain.configs"
 
 
+def choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Choice]]:
+    """Dotted key -> enum of every choice field of the schema."""
+    fields = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            fields[prefix + name] = hint
+        elif dataclasses.is_dataclass(hint):
+            fields.update(choice_fields(hint, f"{prefix}{name}."))
+    return fields
+
+
+def choice_error(key: str, value, choices: type[Choice]) -> str:
+    return f"{key}={value!r} is not a valid choice; choose one of {', '.join(choices.values())}"
+
+
+def override_errors(args: Iterable[str]) -> list[str]:
+    """A message for every bad value given to a choice field in ``args``
+    (command-line arguments; flags and unparsable overrides are left to Hydra).
+
+    OmegaConf rejects these too, but in a multi-line report naming the schema
+    class; this gives the same one-line form as the other config rules.
+    """
+    fields, parser, errors = choice_fields(), OverridesParser.create(), []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException:
+            continue
+        choices = fields.get(override.key_or_group)
+        if choices is None or override.type == OverrideType.DEL:
+            continue
+        value = override.value()
+        values = value.list if isinstance(value, ChoiceSweep) else [value]
+        for v in values:
+            # null and interpolations are OmegaConf's to judge.
+            if v is None or (isinstance(v, str) and "${" in v):
+                continue
+            if v not in choices.values():
+                errors.append(choice_error(override.key_or_group, v, choices))
+    return errors
+
+
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """The composed config for ``overrides`` (Hydra command-line syntax)."""
+    """The composed config for ``overrides`` (Hydra command-line syntax).
+
+    Raises :class:`ConfigError` for a bad choice (``parallel.schedule=gpipe``).
+    """
+    overrides = list(overrides or [])
+    errors = override_errors(overrides)
+    if errors:
+        raise ConfigError(errors)
     register_configs()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+        return compose(config_name=config_name, overrides=overrides)

@@ -2,15 +2,100 @@
 
 The YAML files under ``configs/`` are merged onto these, so a misspelt key or a
 value of the wrong type is rejected by OmegaConf before anything runs.
-Cross-field rules live in :mod:`mtrain.config.validate`.
+Fields with a fixed set of values are :class:`Choice` enums, so a bad value
+is rejected when the config is composed. Cross-field rules live in
+:mod:`mtrain.config.validate` and :mod:`mtrain.train.preflight`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """One of a fixed set of names, usable wherever the plain string is.
+
+    OmegaConf converts YAML and command-line strings by member *name*, so every
+    member's name must equal its value. The str mixin keeps ``==``, ``in``,
+    dict lookups and ``json.dumps`` working with plain strings; ``__str__`` and
+    ``__format__`` give the bare value (not ``Schedule.dualpipe``) in f-strings
+    and interpolations such as ``run_dir``.
+    """
+
+    def __init__(self, value: str):
+        if self._name_ != value:
+            raise ValueError(f"{type(self).__name__}.{self._name_} must have the value {self._name_!r}")
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+# The functional API, since names such as "1f1b" are not identifiers.
+Schedule = Choice("Schedule", [(n, n) for n in ("1f1b", "zb1p", "dualpipe", "dualpipev")],
+                  module=__name__, qualname="Schedule")
+
+
+class Dispatcher(Choice):
+    auto = "auto"
+    local = "local"
+    alltoall = "alltoall"
+    deepep = "deepep"
+
+
+class Backend(Choice):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Recompute(Choice):
+    none = "none"
+    selective = "selective"
+    full = "full"
+
+
+class ScoreFunc(Choice):
+    sigmoid = "sigmoid"
+    softmax = "softmax"
+
+
+class GroupedGemm(Choice):
+    auto = "auto"
+    torch = "torch"
+    triton = "triton"
+
+
+class Dtype(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class LrSchedule(Choice):
+    cosine = "cosine"
+    wsd = "wsd"
+    constant = "constant"
+
+
+class WandbMode(Choice):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Output(Choice):
+    text = "text"
+    json = "json"
 
 
 @dataclass
@@ -36,7 +121,7 @@ class ModelConfig:
     moe_topk: int = MISSING
     n_group: int = 1
     topk_group: int = 1
-    score_func: str = "sigmoid"  # sigmoid | softmax
+    score_func: ScoreFunc = ScoreFunc.sigmoid
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
     bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing; 0 disables
@@ -55,10 +140,9 @@ class ModelConfig:
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 1.0
     init_std: float = 0.006
-    # Routed experts' grouped GEMM: auto | torch | triton (docs/kernels.md).
-    grouped_gemm: str = "auto"
-    # Activation recompute: none | selective | full.
-    recompute: str = "none"
+    # Routed experts' grouped GEMM (docs/kernels.md).
+    grouped_gemm: GroupedGemm = GroupedGemm.auto
+    recompute: Recompute = Recompute.none  # activation recompute
 
 
 @dataclass
@@ -71,16 +155,15 @@ class ParallelConfig:
     dp: Optional[int] = None
     # Rank order, fastest-varying first (Megatron's convention).
     order: str = "tp-cp-ep-dp-pp"
-    schedule: str = "1f1b"
+    schedule: Schedule = Schedule["1f1b"]
     num_microbatches: int = 1
     # Layers per model stage (length = number of model stages); null: balanced.
     pipeline_layout: Optional[list[int]] = None
     # Overlap one micro-batch's MoE all-to-all with another's compute.
     overlap: bool = True
-    # Expert dispatcher: auto | local | alltoall | deepep.
-    dispatcher: str = "auto"
+    dispatcher: Dispatcher = Dispatcher.auto  # expert dispatcher
     deepep_num_sms: int = 20
-    backend: str = "auto"  # auto | gloo | nccl
+    backend: Backend = Backend.auto
 
 
 @dataclass
@@ -98,10 +181,10 @@ class TrainConfig:
     steps: int = 20
     micro_batch_size: int = 2
     seed: int = 1234
-    dtype: str = "fp32"  # fp32 | bf16 (bf16 compute with fp32 master weights)
+    dtype: Dtype = Dtype.fp32  # bf16: bf16 compute with fp32 master weights
     lr: float = 3e-3
     min_lr: float = 3e-4
-    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    lr_schedule: LrSchedule = LrSchedule.cosine
     warmup_steps: int = 2
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     weight_decay: float = 0.1
@@ -131,7 +214,7 @@ class LoggingConfig:
     log_interval: int = 10  # console/wandb every N steps; metrics.jsonl gets every step
     progress: bool = True
     wandb: bool = True
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     wandb_project: str = "mtrain"
     wandb_entity: Optional[str] = None
     tensorboard: bool = False
@@ -160,7 +243,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/default"
-    output: str = "text"  # mtrain-plan: text | json
+    output: Output = Output.text  # mtrain-plan
 
 
 def register_configs() -> None:

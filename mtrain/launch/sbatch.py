@@ -25,8 +25,9 @@ from typing import Any, Mapping, Optional, Sequence
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
-from mtrain.config.loading import CONFIG_MODULE
+from mtrain.config.loading import CONFIG_MODULE, override_errors
 from mtrain.config.schema import register_configs
+from mtrain.config.validate import ConfigError
 
 # launcher key -> sbatch option, for the keys that map one to one.
 DIRECT_OPTIONS = {
@@ -120,6 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="folder of the job's output file <name>-<job id>.out")
     parser.add_argument("--submit", action="store_true", help="also sbatch the script and print the job id")
     args = parser.parse_args(argv)
+    errors = override_errors(args.overrides)
+    if errors:  # before composing, which would fail with a traceback
+        print(ConfigError(errors), file=sys.stderr)
+        sys.exit(2)
 
     log_dir = args.log_dir.resolve()
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create it

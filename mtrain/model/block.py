@@ -1,6 +1,10 @@
-"""One decoder layer (MLA attention, then a dense MLP or an MoE layer), written
-as a program of steps so that the pipeline runtime can overlap the MoE
-exchanges of one micro-batch with another micro-batch's compute."""
+"""One decoder layer: MLA attention, then a dense MLP or an MoE layer.
+
+The layer is a program of steps over a :class:`LayerCarry` (attention | the
+MoE layer's routed program | add the MLP output), so the pipeline runtime can
+overlap the MoE exchanges of one micro-batch with another micro-batch's
+compute; ``forward()`` runs the same program plainly.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,13 +12,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from mtrain.model.attention import MLAttention
 from mtrain.model.mlp import DenseMLP
-from mtrain.model.moe.layer import MoELayer
+from mtrain.model.moe.layer import MoECarry, MoELayer
 from mtrain.model.norm import RMSNorm
-from mtrain.pipeline.program import Comm, Compute
+from mtrain.runtime.context import StepContext, maybe_recompute
+from mtrain.runtime.program import Compute, run_plain
 
 
 @dataclass
@@ -28,10 +32,11 @@ class ModelGroups:
     deepep_num_sms: int = 20
 
 
-def _maybe_checkpoint(enabled: bool, fn, *args):
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+@dataclass
+class LayerCarry(MoECarry):
+    """An MoE carry plus the rotary tables of this sequence length."""
+
+    rope: Optional[tuple] = None  # (cos, sin)
 
 
 class DecoderLayer(nn.Module):
@@ -51,52 +56,32 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoELayer)
 
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                step: Optional[StepContext] = None) -> torch.Tensor:
+        return run_plain(self.program(), LayerCarry(hidden=x, rope=(cos, sin)), step or StepContext()).hidden
+
+    def program(self) -> list:
+        """This layer as steps over a carry whose ``hidden`` it transforms."""
+        if not self.is_moe:
+            return [Compute(self._dense_step, f"{self.name}.dense")]
+        return ([Compute(self._attention_step, f"{self.name}.attn")] + self.mlp.program(self.name)
+                + [Compute(self._moe_output_step, f"{self.name}.finish")])
+
+    # The steps.
     def _attention(self, x, cos, sin):
-        return x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.attn(self.attn_norm(x), cos[: x.shape[1]], sin[: x.shape[1]])
 
     def _dense(self, x, cos, sin):
         h = self._attention(x, cos, sin)
         return h + self.mlp(self.mlp_norm(h))
 
-    def steps(self, key: str = "x") -> list:
-        """This layer as program steps acting on ``state[key]``.
+    def _dense_step(self, c: LayerCarry, step: StepContext) -> LayerCarry:
+        return c.replace(hidden=maybe_recompute(self.full_recompute, self._dense, c.hidden, *c.rope))
 
-        Per-layer intermediates live in ``ctx`` under this layer's name (a
-        chunk runs several layers per micro-batch) and in ``state`` under
-        names prefixed with it.
-        """
-        n = self.name
+    def _attention_step(self, c: LayerCarry, step: StepContext) -> LayerCarry:
+        h = maybe_recompute(self.full_recompute, self._attention, c.hidden, *c.rope)
+        return c.replace(hidden=h, normed=self.mlp_norm(h))
 
-        def rope(ctx, x):
-            cos, sin = ctx["rope"]
-            return cos[: x.shape[1]], sin[: x.shape[1]]
-
-        if not self.is_moe:
-            def dense(state, ctx):
-                return {**state, key: _maybe_checkpoint(self.full_recompute, self._dense, state[key], *rope(ctx, state[key]))}
-
-            return [Compute(dense, f"{n}.dense")]
-
-        def attention_and_route(state, ctx):
-            h = _maybe_checkpoint(self.full_recompute, self._attention, state[key], *rope(ctx, state[key]))
-            x_norm = self.mlp_norm(h)
-            rows, gates, plan = self.mlp.route(x_norm)
-            ctx[f"{n}.plan"], ctx[f"{n}.dispatch"], ctx[f"{n}.combine"] = plan, plan.dispatch_op, plan.combine_op
-            return {**state, key: h, f"{n}.xn": x_norm, f"{n}.rows": rows, f"{n}.gates": gates}
-
-        def experts(state, ctx):
-            rows = _maybe_checkpoint(self.full_recompute, self.mlp.compute_experts, state[f"{n}.rows"], ctx[f"{n}.plan"])
-            return {**state, f"{n}.rows": rows}
-
-        def finish(state, ctx):
-            rest = {k: v for k, v in state.items() if not k.startswith(f"{n}.")}
-            y = self.mlp.finish(state[f"{n}.rows"], state[f"{n}.gates"], state[f"{n}.xn"], ctx.pop(f"{n}.plan"))
-            return {**rest, key: state[key] + y}
-
-        return [
-            Compute(attention_and_route, f"{n}.attn"),
-            Comm(f"{n}.rows", f"{n}.dispatch", f"{n}.dispatch"),
-            Compute(experts, f"{n}.experts"),
-            Comm(f"{n}.rows", f"{n}.combine", f"{n}.combine"),
-            Compute(finish, f"{n}.finish"),
-        ]
+    def _moe_output_step(self, c: LayerCarry, step: StepContext) -> LayerCarry:
+        y = self.mlp.output(c)
+        return c.replace(hidden=c.hidden + y, normed=None, rows=None, gates=None, plan=None)

@@ -2,9 +2,10 @@
 
 A :class:`ModelChunk` holds the decoder layers of one pipeline stage, plus the
 embedding on the first stage and the final norm, output head and MTP modules
-on the last. The whole model is simply the chunk holding every layer. Chunks
-are programs (see :mod:`mtrain.pipeline.program`), so the same code runs the
-plain forward and the pipeline runtime's overlapped forward/backward.
+on the last. The whole model is simply the chunk holding every layer. A chunk
+is a program over a :class:`TokenCarry` (see :mod:`mtrain.runtime.program`):
+the same code runs the plain ``forward()`` and the pipeline runtime's
+overlapped forward/backward.
 
 Parameter names are global (``layers.<global index>...``), so the state dicts
 of all chunks together are the single-rank model's state dict: that is what
@@ -13,19 +14,21 @@ initialisation, sharding and checkpoints rely on.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from mtrain.model.attention import ReplicatedLinear
-from mtrain.model.block import DecoderLayer, ModelGroups
+from mtrain.model.block import DecoderLayer, LayerCarry, ModelGroups
 from mtrain.model.norm import RMSNorm
 from mtrain.model.params import meta
 from mtrain.model.rope import rope_tables
 from mtrain.model.sharding import shard_tensor
 from mtrain.model.tp import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_cross_entropy
-from mtrain.pipeline.program import Compute, run_plain
+from mtrain.runtime.context import StepContext
+from mtrain.runtime.program import Compute, Program, run_plain
 
 IGNORE = -100
 
@@ -35,6 +38,18 @@ def token_loss(logits_shard, targets, tp_group, vocab_size) -> torch.Tensor:
     valid = targets != IGNORE
     losses = vocab_parallel_cross_entropy(logits_shard.float(), targets.clamp(min=0), tp_group, vocab_size)
     return (losses * valid).sum() / valid.sum().clamp(min=1)
+
+
+@dataclass
+class TokenCarry(LayerCarry):
+    """What flows through a chunk: the layer carry plus the micro-batch's
+    tokens and, on the last stage, the losses."""
+
+    input_ids: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    mtp_loss: Optional[torch.Tensor] = None  # summed over the depths run so far
+    loss: Optional[torch.Tensor] = None
 
 
 class MTPModule(nn.Module):
@@ -70,76 +85,69 @@ class ModelChunk(nn.Module):
             self.head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, groups.tp, cfg.init_std)
             self.mtp = nn.ModuleList(MTPModule(cfg, k, groups) for k in range(1, cfg.mtp_depth + 1))
 
-    # The Chunk interface (mtrain.pipeline.chunk).
+    # The Chunk interface (mtrain.runtime.runner).
     def boundary_shape(self, batch_size: int, seq_len: int) -> tuple[int, ...]:
         return (batch_size, seq_len, self.cfg.hidden_size)
 
-    def new_ctx(self, batch: dict) -> dict:
-        return {"rope": rope_tables(self.cfg, batch["input_ids"].shape[1], batch["input_ids"].device)}
+    def initial_carry(self, batch: dict, received: Optional[torch.Tensor]) -> TokenCarry:
+        ids = batch["input_ids"]
+        return TokenCarry(input_ids=ids, labels=batch["labels"] if self.is_last else None,
+                          hidden=None if self.is_first else received,
+                          rope=rope_tables(self.cfg, ids.shape[1], ids.device))
 
-    def initial_state(self, batch: dict, received: Optional[torch.Tensor]) -> dict:
-        state = {"input_ids": batch["input_ids"]}
-        if self.is_last:
-            state["labels"] = batch["labels"]
-        if not self.is_first:
-            state["hidden"] = received
-        return state
-
-    def program(self) -> list:
+    def program(self) -> Program:
         steps = []
         if self.is_first:
             steps.append(Compute(self._embed, "embed"))
         for layer in self.layers.values():
-            steps += layer.steps("hidden")
+            steps += layer.program()
         if self.is_last:
             steps.append(Compute(self._head, "head"))
             for mtp in self.mtp:
-                steps.append(Compute(lambda s, c, m=mtp: self._mtp_input(s, m), f"mtp{mtp.depth}.input"))
-                steps += mtp.layer.steps("mtp_x")
-                steps.append(Compute(lambda s, c, m=mtp: self._mtp_loss(s, m), f"mtp{mtp.depth}.loss"))
+                steps.append(Compute(lambda c, s, m=mtp: self._mtp_input(c, m), f"mtp{mtp.depth}.input"))
+                steps += mtp.layer.program()
+                steps.append(Compute(lambda c, s, m=mtp: self._mtp_loss(c, m), f"mtp{mtp.depth}.loss"))
             steps.append(Compute(self._total_loss, "loss"))
-        return steps
+        return Program(steps, output="loss" if self.is_last else "hidden", input="hidden")
 
-    def forward(self, batch: dict, received: Optional[torch.Tensor] = None) -> dict:
-        """Plain (non-pipelined) forward: the final state (``loss`` and its parts
+    def forward(self, batch: dict, received: Optional[torch.Tensor] = None,
+                step: Optional[StepContext] = None) -> TokenCarry:
+        """Plain (non-pipelined) forward: the final carry (``loss`` and its parts
         on the last stage, else the hidden state ``hidden``)."""
-        return run_plain(self.program(), self.initial_state(batch, received), self.new_ctx(batch))
+        return run_plain(self.program().steps, self.initial_carry(batch, received), step or StepContext())
 
     # Steps.
-    def _embed(self, state, ctx):
-        return {**state, "hidden": self.embed(state["input_ids"])}
+    def _embed(self, c: TokenCarry, step) -> TokenCarry:
+        return c.replace(hidden=self.embed(c.input_ids))
 
     def _logits_loss(self, hidden, norm, targets):
         return token_loss(self.head(norm(hidden)), targets, self.groups.tp, self.cfg.vocab_size)
 
-    def _head(self, state, ctx):
-        lm_loss = self._logits_loss(state["hidden"], self.final_norm, state["labels"])
-        return {**state, "lm_loss": lm_loss}
+    def _head(self, c: TokenCarry, step) -> TokenCarry:
+        return c.replace(lm_loss=self._logits_loss(c.hidden, self.final_norm, c.labels))
 
-    def _mtp_input(self, state, mtp: MTPModule):
-        # Position i combines the hidden state at i with the embedding of token
-        # i+k; the last k positions have no such token and are masked from the loss.
-        previous = state["hidden"] if mtp.depth == 1 else state["mtp_x"]
-        ahead = torch.roll(state["input_ids"], -mtp.depth, dims=1)
-        combined = torch.cat([mtp.hidden_norm(previous), mtp.embed_norm(self.embed(ahead))], dim=-1)
-        return {**{k: v for k, v in state.items() if k != "hidden" or mtp.depth > 1}, "mtp_x": mtp.proj(combined)}
+    def _mtp_input(self, c: TokenCarry, mtp: MTPModule) -> TokenCarry:
+        # Position i combines the hidden state at i (the main model's, then the
+        # previous depth's) with the embedding of token i+k; the last k
+        # positions have no such token and are masked from the loss.
+        ahead = torch.roll(c.input_ids, -mtp.depth, dims=1)
+        combined = torch.cat([mtp.hidden_norm(c.hidden), mtp.embed_norm(self.embed(ahead))], dim=-1)
+        return c.replace(hidden=mtp.proj(combined))
 
-    def _mtp_loss(self, state, mtp: MTPModule):
-        targets = torch.roll(state["labels"], -mtp.depth, dims=1)
+    def _mtp_loss(self, c: TokenCarry, mtp: MTPModule) -> TokenCarry:
+        targets = torch.roll(c.labels, -mtp.depth, dims=1)
         targets[:, -mtp.depth:] = IGNORE
-        loss = self._logits_loss(state["mtp_x"], mtp.final_norm, targets)
-        return {**state, f"mtp_loss_{mtp.depth}": loss}
+        loss = self._logits_loss(c.hidden, mtp.final_norm, targets)
+        return c.replace(mtp_loss=loss if c.mtp_loss is None else c.mtp_loss + loss)
 
-    def _total_loss(self, state, ctx):
-        lm = state["lm_loss"]
-        out = {"lm_loss": lm.detach()}
-        loss = lm
+    def _total_loss(self, c: TokenCarry, step) -> TokenCarry:
+        loss, mtp = c.lm_loss, None
         if self.cfg.mtp_depth > 0:
-            mtp = torch.stack([state[f"mtp_loss_{k}"] for k in range(1, self.cfg.mtp_depth + 1)]).mean()
-            loss = lm + self.cfg.mtp_loss_weight * mtp
-            out["mtp_loss"] = mtp.detach()
-        out["loss"] = loss
-        return out
+            mtp = c.mtp_loss / self.cfg.mtp_depth
+            loss = loss + self.cfg.mtp_loss_weight * mtp
+            mtp = mtp.detach()
+        # Only the losses leave the chunk; the rest is dropped with the carry.
+        return TokenCarry(lm_loss=c.lm_loss.detach(), mtp_loss=mtp, loss=loss)
 
     # Bookkeeping.
     def moe_layers(self) -> list:

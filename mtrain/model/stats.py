@@ -17,10 +17,6 @@ from __future__ import annotations
 
 from mtrain.config.validate import planned_world_size
 
-# Schedules whose rank 0 holds ``min(pp, num_microbatches)`` micro-batches.
-_ONE_CHUNK_SCHEDULES = ("1f1b", "zb1p")
-
-
 def swiglu_params(hidden: int, width: int) -> int:
     """Gate, up and down projections of one SwiGLU MLP."""
     return 3 * hidden * width
@@ -146,24 +142,6 @@ def flops_per_token(m, seq_len: int) -> float:
     return 3.0 * (2.0 * matmul + attention)
 
 
-def peak_inflight_microbatches(schedule: str, pp: int, num_microbatches: int, pp_rank: int = 0) -> int:
-    """Most micro-batches whose activations one pipeline rank holds at once, in
-    units of one stage chunk's activations for one micro-batch.
-
-    1F1B and ZB1P: rank r warms up with pp - r forwards (capped by the number of
-    micro-batches), so rank 0 peaks at pp. DualPipe: pp + 1 on every rank, each
-    unit a stage of a pp-stage model (half the rank's layers). DualPipeV: 2·pp + 1
-    on every rank, each unit a stage of the 2·pp-stage model (again half the
-    rank's layers), i.e. about the activations of 1F1B's rank 0. These are the
-    peaks that :mod:`mtrain.pipeline.simulate` measures on the schedules.
-    """
-    if schedule in _ONE_CHUNK_SCHEDULES:
-        return min(num_microbatches, pp - pp_rank)
-    if schedule == "dualpipe":
-        return pp + 1
-    if schedule == "dualpipev":
-        return 2 * pp + 1
-    raise ValueError(f"parallel.schedule={schedule!r} is not a known schedule")
 
 
 # Bytes per parameter. bf16: bf16 weights for compute, fp32 gradient accumulation,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mtrain.model.params import tag
-from mtrain.model.wgrad import linear
+from mtrain.runtime.wgrad import linear
 
 Group = Optional[dist.ProcessGroup]
 

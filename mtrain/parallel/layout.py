@@ -69,7 +69,8 @@ class Layout:
     dp: int
     expert_dp: int
     order: str
-    schedule: str
+    # Pipeline positions holding copies of the same stages (from the schedule's placement).
+    stage_copies: tuple = ()
     # Every group kind -> list of rank lists, each sorted, sorted by first rank.
     groups: dict[str, list[list[int]]] = field(default_factory=dict)
 
@@ -134,9 +135,13 @@ def build_layout(
     expert_tp: int = 1,
     pp: int = 1,
     order: str = "tp-cp-ep-dp-pp",
-    schedule: str = "1f1b",
+    stage_copies=(),
 ) -> Layout:
-    """Compute every group of the layout. Raises LayoutError naming the problem."""
+    """Compute every group of the layout. Raises LayoutError naming the problem.
+
+    ``stage_copies``: groups of pipeline positions that hold copies of the same
+    stages (DualPipe pairs position r with pp-1-r); each becomes a
+    ``stage_copy`` group per pipeline, over which those copies sum gradients."""
     dims = parse_order(order)
     errors = layout_errors(world_size, tp, ep, expert_tp, pp)
     if errors:
@@ -161,9 +166,7 @@ def build_layout(
 
     pipelines = groups["pp"]
     groups["embedding"] = [sorted({p[0], p[-1]}) for p in pipelines]
-    if schedule == "dualpipe":
-        # Rank r and rank pp-1-r hold the two copies of the same stages.
-        groups["dualpipe_pair"] = sorted(
-            sorted((p[r], p[pp - 1 - r])) for p in pipelines for r in range(pp // 2)
-        )
-    return Layout(world_size, tp, ep, expert_tp, pp, dp, expert_dp, order, schedule, groups)
+    copies = tuple(tuple(c) for c in stage_copies)
+    if copies:
+        groups["stage_copy"] = sorted(sorted(p[i] for i in positions) for p in pipelines for positions in copies)
+    return Layout(world_size, tp, ep, expert_tp, pp, dp, expert_dp, order, copies, groups)

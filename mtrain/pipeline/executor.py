@@ -14,14 +14,16 @@ the process group of its channel (sender, receiver, F/B), within which both
 sides post in the same order, so NCCL (which ignores tags) matches them -- see
 :mod:`mtrain.pipeline.channels` and :mod:`mtrain.pipeline.p2p`.
 
-Loss: the last stage's program returns ``"loss"`` (mean over the
-micro-batch's tokens); its backward is seeded with ``1/num_microbatches`` so the
-gradients are those of the mean loss over the step, and the auxiliary-loss
-scale is set to the same factor.
+Step context: every micro-batch's forward gets its own
+:class:`~mtrain.runtime.context.StepContext`, kept until its backward. Loss:
+the last stage's program hands on the loss (mean over the micro-batch's
+tokens); its backward is seeded with ``1/num_microbatches`` so the gradients
+are those of the mean loss over the step, and the context's loss scale (which
+scales the auxiliary losses) is the same factor.
 
-``I`` runs the backward inside :func:`~mtrain.model.wgrad.defer_weight_grads`
-and keeps the queued weight-gradient work until its ``W``. An ``Overlap`` runs
-the forward and the backward generators interleaved (``overlap=True``) or one
+``I`` runs the backward while its micro-batch's context defers weight
+gradients, and keeps the queued work until its ``W``. An ``Overlap`` runs the
+forward and the backward generators interleaved (``overlap=True``) or one
 after the other; the math is the same, so results are bit-identical.
 """
 from __future__ import annotations
@@ -34,18 +36,17 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from mtrain.model.moe.router import set_aux_loss_scale
-from mtrain.model.wgrad import PendingWeightGrads, defer_weight_grads
 from mtrain.pipeline.channels import Channel, create_p2p_channels, gather_pipelines
-from mtrain.pipeline.chunk import Chunk, ChunkRunner
 from mtrain.pipeline.instructions import (BACKWARD_INPUT, FORWARD, Instruction, Op, Overlap,
                                           backward_dest_rank, backward_source_rank, forward_dest_rank,
                                           forward_source_rank)
 from mtrain.pipeline.p2p import PipeComm, RecvRequest
-from mtrain.pipeline.program import EventLog, drain, run_overlapped
-from mtrain.pipeline.schedule_rules import num_model_stages, stages_of_rank
+from mtrain.pipeline.schedule_rules import Placement, placement
 from mtrain.pipeline.schedules import build_schedule
 from mtrain.pipeline.trace import OpRecord, RankTrace
+from mtrain.runtime.context import EventLog, StepContext, WeightGradSink
+from mtrain.runtime.program import drain, run_overlapped
+from mtrain.runtime.runner import Chunk, ChunkRunner
 
 ChunkKey = tuple  # (stage, direction)
 
@@ -58,6 +59,9 @@ class StepResult:
 
     losses: dict[int, float] = field(default_factory=dict)  # micro-batch -> loss
     metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # micro-batch -> scalar outputs
+    # Auxiliary-loss values of every MoE layer copy on this rank, summed on the device.
+    aux_loss_sum: Optional[torch.Tensor] = None
+    aux_loss_count: int = 0
     busy: float = 0.0  # seconds spent in instructions (inputs there to results sent)
     wall: float = 0.0  # seconds from step start to the last send completed
     trace: Optional[RankTrace] = None
@@ -69,10 +73,7 @@ class StepResult:
 
 def expected_chunk_keys(schedule: str, pp: int, pp_rank: int) -> list[ChunkKey]:
     """The (stage, direction) chunks pipeline rank ``pp_rank`` must hold."""
-    stages = stages_of_rank(schedule, pp, pp_rank)
-    if schedule == "dualpipe":
-        return [(stages[0], 0), (stages[1], 1)]
-    return [(s, 0) for s in stages]
+    return list(placement(schedule, pp, pp_rank).chunk_keys)
 
 
 def _chunk_dtype_device(chunk: Chunk) -> tuple[torch.dtype, torch.device]:
@@ -107,7 +108,8 @@ class PipelineExecutor:
                  channels: Optional[Mapping[Channel, dist.ProcessGroup]] = None, p2p_tags: bool = True):
         if len(pp_group_ranks) != pp:
             raise ValueError(f"pp_group_ranks has {len(pp_group_ranks)} ranks, expected pp={pp}")
-        expected = expected_chunk_keys(schedule, pp, pp_rank)
+        self.placement: Placement = placement(schedule, pp, pp_rank)
+        expected = list(self.placement.chunk_keys)
         if sorted(chunks) != sorted(expected):
             raise ValueError(f"{schedule} pipeline rank {pp_rank} holds chunks {expected} (stage, direction); "
                              f"got {sorted(chunks)}")
@@ -123,7 +125,7 @@ class PipelineExecutor:
             self._dtype_device[key] = (dtype or own_dtype, device or own_device)
         if channels is None:
             channels = {} if pp == 1 else create_p2p_channels(gather_pipelines(pp_group_ranks), schedule, pp)
-        self.comm = PipeComm(pp_rank, pp_group_ranks, num_model_stages(schedule, pp), num_microbatches, channels,
+        self.comm = PipeComm(pp_rank, pp_group_ranks, self.placement.num_stages, num_microbatches, channels,
                              tagged=p2p_tags)
 
     # -- dependencies ------------------------------------------------------
@@ -164,10 +166,10 @@ class PipelineExecutor:
         micro-batch; every rank passes the same list)."""
         if len(microbatches) != self.num_microbatches:
             raise ValueError(f"got {len(microbatches)} micro-batches, the schedule has {self.num_microbatches}")
-        set_aux_loss_scale(1.0 / self.num_microbatches)
         self._batches = microbatches
         self._result = StepResult()
-        self._pending_w: dict[tuple, PendingWeightGrads] = {}
+        self._contexts: list[StepContext] = []
+        self._pending_w: dict[tuple, WeightGradSink] = {}
         self._loss_seed: dict[tuple, torch.Tensor] = {}
         ops = self.instructions
         t_start = time.perf_counter()
@@ -183,6 +185,9 @@ class PipelineExecutor:
             raise RuntimeError(f"input-only backwards without their W: {sorted(self._pending_w)}")
         t_end = time.perf_counter()
         result = self._result
+        aux = [value for step in self._contexts for value in step.aux_losses]
+        if aux:  # summed on the device: read once per step, by the caller
+            result.aux_loss_sum, result.aux_loss_count = torch.stack(aux).sum(), len(aux)
         result.busy = sum(r.duration for r in records)
         result.wall = t_end - t_start
         if self.trace:
@@ -199,19 +204,21 @@ class PipelineExecutor:
             start = time.perf_counter()
             rf, rb = self.runners[(f.stage, f.direction)], self.runners[(b.stage, b.direction)]
             batch = self._batches[f.microbatch]
+            forward = rf.forward_gen(f.microbatch, batch, received, self._context(log))
+            rb.context(b.microbatch).events = log
             with self._weight_grads(b):
                 if self.overlap:
-                    out, grad_in = run_overlapped(rf.forward_gen(f.microbatch, batch, received, log),
-                                                  rb.backward_gen(b.microbatch, grad, log))
+                    out, grad_in = run_overlapped(forward, rb.backward_gen(b.microbatch, grad))
                 else:
-                    out = drain(rf.forward_gen(f.microbatch, batch, received, log))
-                    grad_in = drain(rb.backward_gen(b.microbatch, grad, log))
+                    out = drain(forward)
+                    grad_in = drain(rb.backward_gen(b.microbatch, grad))
             self.comm.send(self._after_forward(f, out) + self._after_backward(b, grad_in))
         elif ins.kind == FORWARD:
             received = self._input(ins)
             start = time.perf_counter()
             runner = self.runners[(ins.stage, ins.direction)]
-            out = drain(runner.forward_gen(ins.microbatch, self._batches[ins.microbatch], received, log))
+            out = drain(runner.forward_gen(ins.microbatch, self._batches[ins.microbatch], received,
+                                           self._context(log)))
             self.comm.send(self._after_forward(ins, out))
         elif ins.kind == "W":
             start = time.perf_counter()
@@ -220,11 +227,18 @@ class PipelineExecutor:
             grad = self._backward_seed(ins)
             start = time.perf_counter()
             runner = self.runners[(ins.stage, ins.direction)]
+            runner.context(ins.microbatch).events = log
             with self._weight_grads(ins):
-                grad_in = drain(runner.backward_gen(ins.microbatch, grad, log))
+                grad_in = drain(runner.backward_gen(ins.microbatch, grad))
             self.comm.send(self._after_backward(ins, grad_in))
         end = time.perf_counter()
         return OpRecord(ins, wait_start, start, end, log.events if log else [])
+
+    def _context(self, log: Optional[EventLog]) -> StepContext:
+        """A new micro-batch's step context; its auxiliary losses are collected."""
+        step = StepContext(loss_scale=1.0 / self.num_microbatches, events=log)
+        self._contexts.append(step)
+        return step
 
     def _backward_seed(self, op: Op) -> torch.Tensor:
         """The output gradient of a B/I: received, or 1/N for the loss."""
@@ -239,9 +253,10 @@ class PipelineExecutor:
         if op.kind != BACKWARD_INPUT:
             yield
             return
-        with defer_weight_grads() as pending:
+        step = self.runners[(op.stage, op.direction)].context(op.microbatch)
+        with step.deferring_weight_grads() as sink:
             yield
-        self._pending_w[(op.stage, op.microbatch, op.direction)] = pending
+        self._pending_w[(op.stage, op.microbatch, op.direction)] = sink
 
     def _after_forward(self, op: Op, out: torch.Tensor) -> list:
         runner = self.runners[(op.stage, op.direction)]
@@ -249,12 +264,7 @@ class PipelineExecutor:
         if dst is not None:
             return [(("F", op.stage, op.microbatch, op.direction), out, dst)]
         # Last stage: ``out`` is the loss; keep the logged scalars and the seed.
-        metrics = {}
-        for name, value in runner.final_state(op.microbatch).items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                metrics[name] = float(value.detach())
-            elif isinstance(value, (int, float)):
-                metrics[name] = float(value)
+        metrics = {name: float(value.detach()) for name, value in runner.final_carry(op.microbatch).scalars().items()}
         self._result.losses[op.microbatch] = float(out.detach())
         self._result.metrics[op.microbatch] = metrics
         self._loss_seed[(op.stage, op.microbatch, op.direction)] = torch.full_like(

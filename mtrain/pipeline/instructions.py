@@ -14,7 +14,8 @@ Sends and receives are not instructions: they follow from the data
 dependencies (the forward of stage ``s`` needs the output of stage ``s-1`` on
 the rank that holds it; the backward of stage ``s`` needs the input gradient
 of stage ``s+1``). The helpers at the bottom of this module say which rank
-that is, so the runtime needs no schedule knowledge.
+that is (asking :mod:`~mtrain.pipeline.schedule_rules`), so the runtime needs
+no schedule knowledge.
 
 ``direction`` is only used by DualPipe, whose two halves of the micro-batches
 flow through the pipeline in opposite directions over two copies of the same
@@ -28,7 +29,8 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Union
 
-from mtrain.pipeline.schedule_rules import num_model_stages
+from mtrain.pipeline.schedule_rules import (microbatch_direction, microbatches_of_direction,  # noqa: F401
+                                            num_directions, num_model_stages, stage_rank)
 
 KINDS = ("F", "B", "I", "W")
 FORWARD, BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT = KINDS
@@ -111,7 +113,7 @@ def instruction_from_json(data: dict) -> Instruction:
 
 def schedule_to_json(schedule: str, per_rank: Iterable[Iterable[Instruction]]) -> list[list[dict]]:
     """Per rank, the instructions as JSON-ready dicts; DualPipe ops carry ``direction``."""
-    with_direction = schedule == "dualpipe"
+    with_direction = num_directions(schedule) > 1
     return [[ins.to_json(with_direction) for ins in ops] for ops in per_rank]
 
 
@@ -120,28 +122,8 @@ def dumps(schedule: str, per_rank: Iterable[Iterable[Instruction]]) -> str:
 
 
 # --------------------------------------------------------------------------
-# Placement: who holds a stage, and where its inputs come from / go to.
+# Data flow: where a stage's inputs come from and its outputs go to.
 # --------------------------------------------------------------------------
-
-def num_directions(schedule: str) -> int:
-    return 2 if schedule == "dualpipe" else 1
-
-
-def stage_rank(schedule: str, pp: int, stage: int, direction: int = 0) -> int:
-    """The pipeline rank that runs ``stage`` for micro-batches of ``direction``."""
-    n = num_model_stages(schedule, pp)
-    if not 0 <= stage < n:
-        raise ValueError(f"stage {stage} out of range for {schedule} with pp={pp} ({n} stages)")
-    if schedule == "dualpipe":
-        if direction not in (0, 1):
-            raise ValueError(f"dualpipe direction must be 0 or 1, got {direction}")
-        return stage if direction == 0 else pp - 1 - stage
-    if direction != 0:
-        raise ValueError(f"{schedule} has only direction 0, got {direction}")
-    if schedule == "dualpipev":
-        return stage if stage < pp else 2 * pp - 1 - stage
-    return stage
-
 
 def prev_stage(schedule: str, pp: int, stage: int, direction: int = 0) -> int | None:
     """Stage whose forward output feeds ``stage`` (None for the first stage)."""
@@ -183,21 +165,6 @@ def backward_source_rank(schedule: str, pp: int, stage: int, direction: int = 0)
 def backward_dest_rank(schedule: str, pp: int, stage: int, direction: int = 0) -> int | None:
     """Rank to send ``stage``'s input gradient to (None: first stage)."""
     return forward_source_rank(schedule, pp, stage, direction)
-
-
-def microbatch_direction(schedule: str, num_microbatches: int, microbatch: int) -> int:
-    """DualPipe: the first half of the micro-batches flow in direction 0, the
-    second half in direction 1. Every other schedule: 0."""
-    if schedule == "dualpipe":
-        return 0 if microbatch < num_microbatches // 2 else 1
-    return 0
-
-
-def microbatches_of_direction(schedule: str, num_microbatches: int, direction: int) -> range:
-    if schedule == "dualpipe":
-        half = num_microbatches // 2
-        return range(0, half) if direction == 0 else range(half, num_microbatches)
-    return range(num_microbatches) if direction == 0 else range(0)
 
 
 def done_key(op: Op) -> tuple:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from mtrain.pipeline.instructions import Instruction, Overlap, dependencies, done_key
-from mtrain.pipeline.schedule_rules import num_model_stages, param_copies
+from mtrain.pipeline.schedule_rules import num_directions, num_model_stages, param_copies
 from mtrain.pipeline.schedules import build_all_ranks
 from mtrain.pipeline.validate import ScheduleError, deadlock_problems
 
@@ -108,7 +108,7 @@ class SimResult:
         return max(r.idle for r in self.ranks)
 
     def to_json(self) -> dict:
-        with_dir = self.schedule == "dualpipe"
+        with_dir = num_directions(self.schedule) > 1
         return {
             "schedule": self.schedule,
             "pp": self.pp,

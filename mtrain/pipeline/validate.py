@@ -26,7 +26,7 @@ from mtrain.pipeline.instructions import (
     num_directions,
     stage_rank,
 )
-from mtrain.pipeline.schedule_rules import num_model_stages
+from mtrain.pipeline.schedule_rules import num_directions, num_model_stages
 
 
 class ScheduleError(ValueError):
@@ -56,7 +56,7 @@ def _placement_problems(name: str, pp: int, n: int, per_rank) -> list[str]:
                     mbs = microbatches_of_direction(name, n, op.direction)
                     problems.append(
                         f"rank {rank}: {op} names micro-batch {op.microbatch}, outside "
-                        f"{mbs.start}..{mbs.stop - 1}" + (f" of direction {op.direction}" if name == "dualpipe" else "")
+                        f"{mbs.start}..{mbs.stop - 1}" + (f" of direction {op.direction}" if num_directions(name) > 1 else "")
                     )
                     continue
                 owner = stage_rank(name, pp, op.stage, op.direction)

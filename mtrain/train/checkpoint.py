@@ -16,6 +16,12 @@ Loading builds the same structure for the *current* layout and DCP reads
 into this rank's local slices in place, resharding as needed. The directory
 protocol (temporary directory, manifest, ``latest``) is in
 :mod:`mtrain.train.checkpoint_files`.
+
+What is saved comes from named ``Stateful`` components (``state_dict()`` /
+``load_state_dict()``). *Sharded* components give global name -> local tensor
+and go through DCP as above; *per-rank* components give small picklable state
+stored in each rank's ``extra`` file. A :class:`Checkpointer` owns the state
+of one run's checkpointing: the save in flight and the gloo group.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -38,14 +45,12 @@ from mtrain.model.params import ParamMeta, meta
 from mtrain.train.checkpoint_files import (CorruptCheckpointError, finalize, find_latest, read_manifest, reach,
                                            remove_stale_tmp, step_dir, tmp_dir, verify_checkpoint)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest", "verify_checkpoint", "read_manifest",
-           "wait_pending", "CheckpointSave", "CorruptCheckpointError"]
+__all__ = ["Checkpointer", "CheckpointSave", "find_latest", "verify_checkpoint", "read_manifest",
+           "CorruptCheckpointError"]
 
 log = logging.getLogger(__name__)
 
 EXTRA_DIR = "extra"
-_pending: Optional["CheckpointSave"] = None
-_group_cache: dict = {}
 
 
 # -- the logical view of local tensors -----------------------------------------
@@ -152,19 +157,6 @@ def logical_state_dict(tensors: Mapping[str, torch.Tensor], groups,
 
 # -- collectives ----------------------------------------------------------------
 
-def _checkpoint_group():
-    """A gloo group over all ranks for checkpoint traffic only, so an async save's
-    background collectives never interleave with training collectives (and a
-    CPU backend exists even when training runs on NCCL). None without
-    torch.distributed."""
-    if not dist.is_initialized():
-        return None
-    world = dist.group.WORLD
-    if _group_cache.get("world") is not world:
-        _group_cache.update(world=world, group=dist.new_group(backend="gloo"))
-    return _group_cache["group"]
-
-
 def _rank(pg) -> int:
     return 0 if pg is None else dist.get_rank()
 
@@ -209,6 +201,27 @@ def _collect_error(fn):
         return None, e
 
 
+# -- components --------------------------------------------------------------------
+
+def _sharded_states(components: Mapping[str, Stateful]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Each sharded component's ``state_dict()``, and all their tensors by
+    global name; a name given by two components is an error."""
+    states, tensors, owner = {}, {}, {}
+    for key, component in components.items():
+        states[key] = component.state_dict()
+        for name, tensor in states[key].items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{name} of sharded component {key!r} is a {type(tensor).__name__}, not a tensor")
+            if name in tensors:
+                raise ValueError(f"{name}: given by both sharded components {owner[name]!r} and {key!r}")
+            tensors[name], owner[name] = tensor, key
+    return states, tensors
+
+
+def _extra_file(directory: Path, rank: int) -> Path:
+    return directory / EXTRA_DIR / f"rank_{rank:05d}.pt"
+
+
 # -- saving -----------------------------------------------------------------------
 
 class CheckpointSave:
@@ -226,17 +239,6 @@ class CheckpointSave:
         if self._future is not None:
             self._future.result()
         return self.path
-
-
-def wait_pending() -> Optional[Path]:
-    """Block until an earlier async save has finished; call before exiting."""
-    global _pending
-    handle, _pending = _pending, None
-    return handle.wait() if handle is not None else None
-
-
-def _extra_file(directory: Path, rank: int) -> Path:
-    return directory / EXTRA_DIR / f"rank_{rank:05d}.pt"
 
 
 def _finish(root: Path, step: int, keep_last: int, pg) -> Path:
@@ -263,53 +265,6 @@ def _finish(root: Path, step: int, keep_last: int, pg) -> Path:
     return step_dir(root, step)
 
 
-def save_checkpoint(root: Path | str, step: int, tensors: Mapping[str, torch.Tensor], groups=None,
-                    extra: Optional[dict] = None, *, metas: Optional[Mapping[str, ParamMeta]] = None,
-                    keep_last: int = 2, async_save: bool = False) -> CheckpointSave:
-    """Save ``tensors`` (global name -> this rank's local tensor) as logical
-    tensors under ``root/step_<step>``; collective over all ranks.
-
-    A rank may omit keys other ranks pass (ZeRO-1: only the optimizer states it
-    owns); replicated keys must hold identical values on every rank that passes
-    them. ``extra`` (small, picklable) is stored per rank. ``keep_last`` complete
-    checkpoints are kept (0: all). With ``async_save`` the data is copied to CPU
-    memory now, written and finalised in the background; the returned handle's
-    ``wait()`` (or the next save/load, or :func:`wait_pending`) joins it.
-    """
-    global _pending
-    wait_pending()
-    root = Path(root)
-    pg = _checkpoint_group()
-    rank = _rank(pg)
-    tmp = tmp_dir(root, step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(root)
-        (tmp / EXTRA_DIR).mkdir(parents=True)
-    _barrier(pg)
-    state, error = _collect_error(lambda: logical_state_dict(tensors, groups, metas))
-    _raise_if_any(error, pg)
-    torch.save(dict(extra or {}), _extra_file(tmp, rank))
-
-    if not async_save:
-        with _single_process_quiet(pg):
-            dcp.save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
-        return CheckpointSave(_finish(root, step, keep_last, pg))
-
-    with _single_process_quiet(pg):
-        upload = dcp.async_save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
-    upload = getattr(upload, "upload_completion", upload)
-
-    def complete() -> Path:
-        upload.result()
-        return _finish(root, step, keep_last, pg)
-
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-finalise")
-    _pending = CheckpointSave(step_dir(root, step), executor.submit(complete))
-    executor.shutdown(wait=False)
-    return _pending
-
-
 # -- loading ----------------------------------------------------------------------
 
 def _is_optional(name: str, optional: Iterable[str]) -> bool:
@@ -334,6 +289,14 @@ def _plan_load(path: Path, tensors, groups, metas, optional) -> dict[str, Any]:
     return state
 
 
+def _read_extra(path: Path, rank: int, wanted: Iterable[str], optional) -> dict:
+    extra = torch.load(_extra_file(path, rank), weights_only=False)
+    missing = sorted(k for k in wanted if k not in extra and not _is_optional(k, optional))
+    if missing:
+        raise KeyError(f"checkpoint {path} lacks the per-rank state of {', '.join(missing)}")
+    return extra
+
+
 def _zero_padding(tensors, groups, metas) -> None:
     """Vocabulary padding rows are not in the checkpoint; keep them zero."""
     with torch.no_grad():
@@ -345,30 +308,124 @@ def _zero_padding(tensors, groups, metas) -> None:
             t.detach().narrow(m.shard_dim, real, t.shape[m.shard_dim] - real).zero_()
 
 
-def load_checkpoint(path: Path | str, tensors: Mapping[str, torch.Tensor], groups=None, *,
-                    metas: Optional[Mapping[str, ParamMeta]] = None, optional: Iterable[str] = ()) -> dict:
-    """Fill ``tensors`` (global name -> this rank's local tensor, current layout)
-    in place from the checkpoint at ``path``; collective over all ranks.
+# -- the checkpointer ---------------------------------------------------------------
 
-    The checkpoint is verified first (:class:`CorruptCheckpointError`). A name
-    the checkpoint lacks raises ``KeyError`` unless it matches one of the
-    ``optional`` fnmatch patterns (then it is left untouched). Returns this
-    rank's ``extra`` when the world size is unchanged, otherwise rank 0's.
+class Checkpointer:
+    """Saves checkpoints of a run under ``root`` and loads any checkpoint;
+    ``save`` and ``load`` are collective over all ranks.
+
+    ``groups`` is the run's ``ParallelGroups`` (None in a single process).
+    ``keep_last`` complete checkpoints are kept (0: all). With ``async_save``
+    the data is copied to CPU memory during ``save``, then written and
+    finalised in the background; the next save or load, or :meth:`wait`, joins it.
     """
-    wait_pending()
-    path = Path(path)
-    manifest = verify_checkpoint(path)
-    pg = _checkpoint_group()
-    optional = tuple(optional)
-    state, error = _collect_error(lambda: _plan_load(path, tensors, groups, metas, optional))
-    _raise_if_any(error, pg)
-    with _single_process_quiet(pg):
-        dcp.load(state, checkpoint_id=path, process_group=pg, no_dist=pg is None)
-    _zero_padding(tensors, groups, metas)
 
-    rank, saved_world = _rank(pg), manifest["world_size"]
-    if saved_world != _world(pg):
-        log.warning("checkpoint %s was saved by %d ranks, now %d: every rank gets rank 0's extra state",
-                    path, saved_world, _world(pg))
-        rank = 0
-    return torch.load(_extra_file(path, rank), weights_only=False)
+    def __init__(self, root: Path | str, groups=None, *, keep_last: int = 2, async_save: bool = False):
+        self.root = Path(root)
+        self.groups = groups
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: Optional[CheckpointSave] = None
+        self._pg = None
+
+    def _group(self):
+        """A gloo group over all ranks for checkpoint traffic only, so an async
+        save's background collectives never interleave with training collectives
+        (and a CPU backend exists even when training runs on NCCL). Created on
+        first use, which every rank reaches together; None without
+        torch.distributed."""
+        if self._pg is None and dist.is_initialized():
+            self._pg = dist.new_group(backend="gloo")
+        return self._pg
+
+    def wait(self) -> Optional[Path]:
+        """Block until an earlier async save has finished; call before exiting."""
+        handle, self._pending = self._pending, None
+        return handle.wait() if handle is not None else None
+
+    def save(self, step: int, sharded: Mapping[str, Stateful],
+             per_rank: Optional[Mapping[str, Stateful]] = None, *,
+             metas: Optional[Mapping[str, ParamMeta]] = None) -> CheckpointSave:
+        """Save the components under ``root/step_<step>``.
+
+        ``sharded`` components' ``state_dict()`` give global name -> this rank's
+        local tensor, saved as logical tensors. A rank may omit names other
+        ranks give (ZeRO-1: only the optimizer states it owns); replicated names
+        must hold identical values on every rank that gives them. ``per_rank``
+        components' state (small, picklable) is stored per rank. Returns a
+        handle whose ``wait()`` gives the final directory.
+        """
+        self.wait()
+        per_rank = per_rank or {}
+        root, pg = self.root, self._group()
+        rank = _rank(pg)
+        tmp = tmp_dir(root, step)
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(root)
+            (tmp / EXTRA_DIR).mkdir(parents=True)
+        _barrier(pg)
+        state, error = _collect_error(lambda: logical_state_dict(_sharded_states(sharded)[1], self.groups, metas))
+        _raise_if_any(error, pg)
+        torch.save({key: component.state_dict() for key, component in per_rank.items()}, _extra_file(tmp, rank))
+
+        if not self.async_save:
+            with _single_process_quiet(pg):
+                dcp.save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
+            return CheckpointSave(_finish(root, step, self.keep_last, pg))
+
+        with _single_process_quiet(pg):
+            upload = dcp.async_save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
+        upload = getattr(upload, "upload_completion", upload)
+        keep_last = self.keep_last
+
+        def complete() -> Path:
+            upload.result()
+            return _finish(root, step, keep_last, pg)
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-finalise")
+        self._pending = CheckpointSave(step_dir(root, step), executor.submit(complete))
+        executor.shutdown(wait=False)
+        return self._pending
+
+    def load(self, path: Path | str, sharded: Mapping[str, Stateful],
+             per_rank: Optional[Mapping[str, Stateful]] = None, *,
+             metas: Optional[Mapping[str, ParamMeta]] = None, optional: Iterable[str] = ()) -> None:
+        """Restore the components (current layout) from the checkpoint at ``path``.
+
+        The checkpoint is verified first (:class:`CorruptCheckpointError`). The
+        tensors of the ``sharded`` components' ``state_dict()`` are filled in
+        place, then each component's ``load_state_dict`` gets that dict. Each
+        ``per_rank`` component gets its saved state: this rank's when the world
+        size is unchanged, otherwise rank 0's. A tensor name or per-rank
+        component the checkpoint lacks raises ``KeyError`` unless it matches one
+        of the ``optional`` fnmatch patterns (it is then left untouched).
+        """
+        self.wait()
+        per_rank = per_rank or {}
+        path = Path(path)
+        manifest = verify_checkpoint(path)
+        pg = self._group()
+        optional = tuple(optional)
+        rank, saved_world = _rank(pg), manifest["world_size"]
+        if saved_world != _world(pg):
+            log.warning("checkpoint %s was saved by %d ranks, now %d: every rank gets rank 0's per-rank state",
+                        path, saved_world, _world(pg))
+            rank = 0
+
+        def plan():
+            states, tensors = _sharded_states(sharded)
+            extra = _read_extra(path, rank, per_rank, optional)
+            return states, tensors, extra, _plan_load(path, tensors, self.groups, metas, optional)
+
+        planned, error = _collect_error(plan)
+        _raise_if_any(error, pg)
+        states, tensors, extra, state = planned
+        with _single_process_quiet(pg):
+            dcp.load(state, checkpoint_id=path, process_group=pg, no_dist=pg is None)
+        _zero_padding(tensors, self.groups, metas)
+        for key, component in sharded.items():
+            component.load_state_dict(states[key])
+        for key, component in per_rank.items():
+            if key in extra:
+                component.load_state_dict(extra[key])

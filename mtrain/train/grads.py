@@ -1,12 +1,13 @@
 """Gradient reduction across replicas, and the global gradient norm.
 
-Which ranks hold a copy of a parameter follows from its tag and the layout:
-dense parameters are replicated over ``dp``, expert parameters over
-``expert_dp`` (split, never replicated, over ``expert_tp``); DualPipe holds
-every stage twice (``dualpipe_pair``); with pp > 1 and MTP the last stage
-keeps a copy of the embedding (``embedding``). Every copy must end the step
-with the same gradient, and the norm must count each logical parameter
-exactly once.
+Which ranks hold a copy of a parameter follows from its tag and the rank's
+:class:`~mtrain.pipeline.schedule_rules.Placement`: dense parameters are
+replicated over ``dp``, expert parameters over ``expert_dp`` (split, never
+replicated, over ``expert_tp``); DualPipe holds every stage twice
+(``stage_copy``); where first and last stage sit on different ranks and the
+model has MTP, the last stage keeps a copy of the embedding (``embedding``).
+Every copy must end the step with the same gradient, and the norm must count
+each logical parameter exactly once.
 """
 from __future__ import annotations
 
@@ -19,15 +20,6 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from mtrain.model.params import meta
 
 
-def replica_kinds(name: str, param, schedule: str, pp: int, has_embedding_copy: bool) -> list[str]:
-    kinds = ["expert_dp" if meta(param).expert else "dp"]
-    if schedule == "dualpipe":
-        kinds.append("dualpipe_pair")
-    elif name.startswith("embed.") and has_embedding_copy:
-        kinds.append("embedding")
-    return kinds
-
-
 def _all_reduce_bucket(tensors: list[torch.Tensor], group) -> None:
     flat = _flatten_dense_tensors(tensors)
     dist.all_reduce(flat, group=group)
@@ -35,7 +27,7 @@ def _all_reduce_bucket(tensors: list[torch.Tensor], group) -> None:
         t.copy_(reduced)
 
 
-def reduce_gradients(params: dict, groups, schedule: str, pp: int, has_embedding_copy: bool) -> None:
+def reduce_gradients(params: dict, groups, placement) -> None:
     """Sum gradients over every replica group (one flat all-reduce per group
     kind), then average over data parallelism: each rank's loss is a mean over
     its own tokens, the global loss is the mean over the dp replicas."""
@@ -47,7 +39,7 @@ def reduce_gradients(params: dict, groups, schedule: str, pp: int, has_embedding
     buckets: dict[tuple[str, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for name in sorted(params):
         p = params[name]
-        for kind in replica_kinds(name, p, schedule, pp, has_embedding_copy):
+        for kind in placement.replica_groups(name, meta(p).expert):
             if groups.size(kind) > 1:
                 buckets[(kind, p.grad.dtype)].append(p.grad)
     for (kind, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
@@ -61,8 +53,8 @@ def reduce_gradients(params: dict, groups, schedule: str, pp: int, has_embedding
 def global_grad_norm(params: dict, counted: set, representative: set, groups) -> torch.Tensor:
     """sqrt of the sum of squared gradients over every logical parameter once.
 
-    ``counted``: names this rank speaks for among its pipeline copies (DualPipe
-    copies and the MTP embedding copy excluded); ``representative``: names this
+    ``counted``: names this rank speaks for among its pipeline copies
+    (:meth:`Placement.speaks_for`: second copies and the MTP embedding copy excluded); ``representative``: names this
     rank speaks for in their replica group (one rank per group). Dense
     parameters replicated over TP are counted on TP index 0 only, TP shards
     everywhere; likewise expert parameters over expert_tp.

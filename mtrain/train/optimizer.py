@@ -97,22 +97,35 @@ class ZeroAdamW:
         for p in self.params.values():
             p.grad = None
 
-    # Checkpointing: per-parameter tensors tagged like their parameter.
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
+    # Checkpointing (Stateful): per-parameter tensors tagged like their
+    # parameter, so they reshard like the weights, and the step count.
+    def _master_is_param(self, name: str) -> bool:
+        # fp32 training: the master is the parameter's own storage (``p.data``
+        # is a new tensor object on every access, so compare storage).
+        return self.state[name]["master"].data_ptr() == self.params[name].data_ptr()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"optim.step": torch.tensor(self.step_count, dtype=torch.int64)}
         for name, s in self.state.items():
             for key in STATE_KEYS:
                 t = s[key]
-                if key == "master" and t is self.params[name].data:
-                    continue  # fp32 training: the master is the parameter itself
+                if key == "master" and self._master_is_param(name):
+                    continue  # saved as the parameter itself
                 t.mtrain_meta = meta(self.params[name])
                 out[f"optim.{key}.{name}"] = t
         return out
 
-    def after_load(self) -> None:
-        """Re-derive weights from loaded fp32 masters (bf16 training)."""
+    def load_state_dict(self, state: dict) -> None:
+        """Take the states (the checkpointer loads into the tensors of
+        ``state_dict()``, other dicts are copied) and the step count, then
+        re-derive the weights from the fp32 masters (bf16 training)."""
         with torch.no_grad():
             for name, s in self.state.items():
-                if s["master"] is not self.params[name].data:
+                for key in STATE_KEYS:
+                    loaded = state.get(f"optim.{key}.{name}")
+                    if loaded is not None and loaded is not s[key]:
+                        s[key].copy_(loaded)
+                if not self._master_is_param(name):
                     self.params[name].copy_(s["master"])
-
+        if "optim.step" in state:
+            self.step_count = int(state["optim.step"])

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mtrain.config.validate import check_config
+from mtrain.train.preflight import check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
 from mtrain.launch.requeue import requeue_if_warned
 from mtrain.model.moe.layer import MoELayer
-from mtrain.model.stage import build_chunks, unique_parameters
+from mtrain.pipeline.stages import build_chunks, unique_parameters
 from mtrain.model.stats import flops_per_token
 from mtrain.parallel.env import detect_env
 from mtrain.parallel.groups import create_groups, init_distributed
@@ -33,12 +33,14 @@ from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.channels import create_p2p_channels
 from mtrain.pipeline.executor import PipelineExecutor
 from mtrain.pipeline.render import render_timeline
+from mtrain.pipeline.schedule_rules import copy_groups, placement
 from mtrain.pipeline.trace import bubble_percent, gather_traces, to_timelines, write_chrome_trace
 from mtrain.train import checkpoint as ckpt
 from mtrain.train.grads import global_grad_norm, reduce_gradients
 from mtrain.train.lr import LRSchedule
 from mtrain.train.metrics import peak_memory_bytes, throughput
 from mtrain.train.optimizer import ZeroAdamW
+from mtrain.train.state import ModelState, Progress, RNGState
 
 log = logging.getLogger("mtrain")
 
@@ -74,10 +76,11 @@ class Trainer:
         self.env = init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_s, env)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         p = cfg.parallel
-        self.layout = build_layout(self.world, p.tp, p.ep, p.expert_tp, p.pp, p.order, p.schedule)
+        self.layout = build_layout(self.world, p.tp, p.ep, p.expert_tp, p.pp, p.order, copy_groups(p.schedule, p.pp))
         with self.phase("creating process groups"):
             self.groups = create_groups(self.layout, cfg.train.collective_timeout_s)
         self.pp_rank = self.layout.pp_rank(self.rank)
+        self.placement = placement(p.schedule, p.pp, self.pp_rank, mtp=cfg.model.mtp_depth > 0)
         if not log.handlers:
             setup_logging(self.run_dir, self.rank)
         torch.manual_seed(cfg.train.seed + self.rank)
@@ -91,15 +94,10 @@ class Trainer:
                 for param in chunk.parameters():
                     param.data = param.data.to(torch.bfloat16)
         self.params = unique_parameters(self.chunks)
-        # 1F1B/ZB1P put the first and last stage on different ranks: the last
-        # keeps its own copy of the embedding for MTP (DualPipe/V share one).
-        self.has_embedding_copy = p.schedule in ("1f1b", "zb1p") and p.pp > 1 and cfg.model.mtp_depth > 0
-        # Names this rank speaks for in the gradient norm: DualPipe's direction-1
-        # copies and the last stage's MTP copy of the embedding are counted elsewhere.
-        self.counted = {
-            name for (stage, direction), chunk in self.chunks.items() if direction == 0
-            for name, _ in chunk.named_parameters() if chunk.is_first or not name.startswith("embed.")
-        }
+        # Names this rank speaks for in the gradient norm (second copies of a
+        # stage and the last stage's MTP copy of the embedding count elsewhere).
+        self.counted = {name for key, chunk in self.chunks.items() for name, _ in chunk.named_parameters()
+                        if self.placement.speaks_for(key, name)}
         channels = create_p2p_channels(self.layout.groups["pp"], p.schedule, p.pp,
                                        datetime.timedelta(seconds=cfg.train.collective_timeout_s))
         self.executor = PipelineExecutor(p.schedule, p.pp, self.pp_rank, p.num_microbatches, self.chunks,
@@ -113,6 +111,8 @@ class Trainer:
         self.tokens_per_step = cfg.train.micro_batch_size * p.num_microbatches * self.groups.size("dp") * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.groups, keep_last=cfg.checkpoint.keep_last,
+                                              async_save=cfg.checkpoint.async_save)
         self.step = 0
         self.bad_steps = 0
         self.reporter = None
@@ -140,8 +140,8 @@ class Trainer:
 
     def moe_layers(self, counted_only: bool = False) -> list[tuple[str, object]]:
         out = []
-        for (stage, direction), chunk in sorted(self.chunks.items()):
-            if counted_only and direction != 0:
+        for key, chunk in sorted(self.chunks.items()):
+            if counted_only and not self.placement.is_original(key):
                 continue
             for name, module in chunk.named_modules():
                 if isinstance(module, MoELayer):
@@ -149,29 +149,15 @@ class Trainer:
         return out
 
     # -- checkpoint state -------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.params)
-        for chunk in self.chunks.values():
-            for name, buf in chunk.named_buffers():
-                if name.endswith("expert_bias"):
-                    tensors.setdefault(name, buf)
-        tensors.update(self.optimizer.state_tensors())
-        return tensors
+    def checkpoint_components(self, progress: Progress) -> tuple[dict, dict]:
+        """The (sharded, per-rank) Stateful components a checkpoint holds."""
+        sharded = {"model": ModelState(self.params, self.chunks.values()), "optimizer": self.optimizer}
+        per_rank = {"progress": progress, "data": self.loader, "lr": self.lr, "rng": RNGState(self.device, self.world)}
+        return sharded, per_rank
 
     def save(self) -> None:
-        extra = {
-            "step": self.step,
-            "optimizer_steps": self.optimizer.step_count,
-            "data": self.loader.state_dict(),
-            "lr": self.lr.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-            "world_size": self.world,
-            "layout": {k: getattr(self.layout, k) for k in ("tp", "ep", "pp", "dp", "schedule")},
-        }
         with self.phase(f"saving checkpoint of step {self.step}"):
-            ckpt.save_checkpoint(self.ckpt_dir, self.step, self.state_tensors(), self.groups, extra,
-                                 async_save=self.cfg.checkpoint.async_save, keep_last=self.cfg.checkpoint.keep_last)
+            self.checkpointer.save(self.step, *self.checkpoint_components(Progress(self.step)))
 
     def maybe_resume(self) -> None:
         choice = self.cfg.checkpoint.resume
@@ -180,17 +166,11 @@ class Trainer:
         path = ckpt.find_latest(self.ckpt_dir) if choice == "latest" else Path(choice)
         if path is None:
             return
+        progress = Progress()
+        # The lr schedule warns when it changed; RNG states come back only at the same world size.
         with self.phase(f"loading checkpoint {path}"):
-            extra = ckpt.load_checkpoint(path, self.state_tensors(), self.groups)
-        self.optimizer.after_load()
-        self.step = extra["step"]
-        self.optimizer.step_count = extra["optimizer_steps"]
-        self.loader.load_state_dict(extra["data"])
-        self.lr.load_state_dict(extra.get("lr", {}))  # warns when the schedule changed
-        if extra.get("world_size") == self.world and "rng" in extra:
-            torch.set_rng_state(extra["rng"])
-            if extra.get("cuda_rng") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(extra["cuda_rng"])
+            self.checkpointer.load(path, *self.checkpoint_components(progress))
+        self.step = progress.step
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -201,15 +181,13 @@ class Trainer:
         batches = [{"input_ids": x.to(self.device, non_blocking=True), "labels": y.to(self.device, non_blocking=True)}
                    for x, y in self.loader.next_step()]
         self.optimizer.zero_grad()
-        for _, moe in self.moe_layers():
-            moe.aux_loss_sum, moe.aux_loss_count = 0.0, 0
         self.executor.trace = self.step + 1 == cfg.logging.trace_step
         with self.phase("pipeline step"):
             result = self.executor.step(batches)
         if result.trace is not None:
             self._write_trace(result.trace)
         with self.phase("gradient reduction"):
-            reduce_gradients(self.params, self.groups, cfg.parallel.schedule, cfg.parallel.pp, self.has_embedding_copy)
+            reduce_gradients(self.params, self.groups, self.placement)
             norm = global_grad_norm(self.params, self.counted, self.optimizer.representative, self.groups)
         losses = self._global_losses(result)
         lr = self.lr.lr(self.step)
@@ -274,9 +252,9 @@ class Trainer:
                 sums[2] += result.metrics.get(mb, {}).get("mtp_loss", 0.0)
                 sums[len(keys)] += 1
             # Every copy of every MoE layer: each micro-batch passed one copy once.
-            for _, moe in self.moe_layers():
-                sums[3] += moe.aux_loss_sum
-                sums[len(keys) + 1] += moe.aux_loss_count
+            if result.aux_loss_sum is not None:
+                sums[3] += result.aux_loss_sum.double()
+                sums[len(keys) + 1] += result.aux_loss_count
         dist.all_reduce(sums)
         count, aux_count = max(sums[len(keys)].item(), 1), max(sums[len(keys) + 1].item(), 1)
         out = {k: sums[i].item() / count for i, k in enumerate(keys[:3])}
@@ -287,13 +265,13 @@ class Trainer:
 
     def _update_router_bias(self) -> dict:
         """Loads summed over every copy that saw different tokens (dp replicas,
-        DualPipe's two directions), then the same bias update everywhere."""
+        the two copies of a stage), then the same bias update everywhere."""
         loads = {}
         for name, moe in self.moe_layers():
             load = moe.router.load.clone()
             dist.all_reduce(load, group=self.groups.group("dp"))
-            if self.cfg.parallel.schedule == "dualpipe":
-                dist.all_reduce(load, group=self.groups.group("dualpipe_pair"))
+            if self.placement.copies_per_stage > 1:
+                dist.all_reduce(load, group=self.groups.group("stage_copy"))
             moe.router.update_bias(load, self.cfg.model.bias_update_speed)
             loads[name] = load
         counted = {name for name, _ in self.moe_layers(counted_only=True)}
@@ -325,14 +303,14 @@ class Trainer:
                 exit_now = bool(cfg.train.exit_interval) and self.step % cfg.train.exit_interval == 0
                 if self._stop_agreed() or (exit_now and not last):
                     self.save()
-                    ckpt.wait_pending()
+                    self.checkpointer.wait()
                     if self.rank == 0:
                         log.warning("stopped at step %d; checkpoint written", self.step)
                     requeue_if_warned(self._stop_signal)  # Slurm's time-limit warning: come back later
                     return 0
                 if last or self.step % cfg.checkpoint.interval == 0:
                     self.save()
-            ckpt.wait_pending()
+            self.checkpointer.wait()
             return 0
         finally:
             self.reporter.close()

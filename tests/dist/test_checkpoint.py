@@ -16,16 +16,42 @@ import torch.distributed as dist
 from mtrain.config.loading import load_config
 from mtrain.model.params import ParamMeta, meta, tag
 from mtrain.model.sharding import shard_tensor
-from mtrain.model.stage import build_chunks, coords_of, unique_parameters
+from mtrain.pipeline.stages import build_chunks, coords_of, unique_parameters
 from mtrain.parallel.groups import create_groups
 from mtrain.parallel.layout import build_layout
+from mtrain.pipeline.schedule_rules import copy_groups
 from mtrain.testing import run_distributed
 from mtrain.testing.distributed import RankFailure
 from mtrain.train import checkpoint_files
-from mtrain.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from mtrain.train.checkpoint import Checkpointer, find_latest
+from mtrain.train.state import TensorState
 
 SEED = 11
 TIMEOUT = 45
+
+
+class Box:
+    """Per-rank state that is just a dict."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def save_checkpoint(root, step, tensors, groups, extra, **kwargs):
+    return Checkpointer(root, groups, **kwargs).save(step, {"model": TensorState(tensors)}, {"extra": Box(extra)})
+
+
+def load_checkpoint(path, tensors, groups=None, **kwargs):
+    """Fill ``tensors`` in place; the extra dict this rank gets back."""
+    box = Box()
+    Checkpointer(path, groups).load(path, {"model": TensorState(tensors)}, {"extra": box}, **kwargs)
+    return box.state
 
 
 def config(tp=1, ep=1, pp=1, schedule="1f1b", vocab=None):
@@ -38,7 +64,7 @@ def config(tp=1, ep=1, pp=1, schedule="1f1b", vocab=None):
 
 def _rank_params(cfg, world, seed):
     p = cfg.parallel
-    groups = create_groups(build_layout(world, tp=p.tp, ep=p.ep, pp=p.pp, schedule=p.schedule), timeout_s=30)
+    groups = create_groups(build_layout(world, tp=p.tp, ep=p.ep, pp=p.pp, stage_copies=copy_groups(p.schedule, p.pp)), timeout_s=30)
     return groups, unique_parameters(build_chunks(cfg, groups, groups.index("pp"), seed=seed))
 
 
@@ -137,7 +163,8 @@ def _save_zero_rank(cfg, world, root):
     # ZeRO-1-like: dp rank d passes only the states of every other parameter.
     names = sorted(params)
     owned = {n for i, n in enumerate(names) if i % groups.size("dp") == groups.index("dp")}
-    save_checkpoint(root, 1, {**params, **_optimizer_states(params, owned)}, groups, {})
+    Checkpointer(root, groups).save(1, {"model": TensorState(params),
+                                        "optimizer": TensorState(_optimizer_states(params, owned))})
 
 
 def test_states_passed_by_some_ranks_only(tmp_path):
@@ -146,7 +173,8 @@ def test_states_passed_by_some_ranks_only(tmp_path):
     full = full_weights(cfg)
     params = blank(full_weights(cfg))
     states = blank(_optimizer_states(full_weights(cfg), set(params)))
-    load_checkpoint(find_latest(tmp_path), {**params, **states})
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.load(find_latest(tmp_path), {"model": TensorState(params), "optimizer": TensorState(states)})
     assert_loaded(params, {}, full)
     for name in params:
         torch.testing.assert_close(states[f"optim.exp_avg.{name}"], full[name].detach() * 3, rtol=0, atol=0)
@@ -154,14 +182,16 @@ def test_states_passed_by_some_ranks_only(tmp_path):
     # A tensor the checkpoint lacks is an error naming it, unless optional.
     bogus = {"optim.exp_avg.not_a_param": torch.zeros(3)}
     with pytest.raises(KeyError, match="optim.exp_avg.not_a_param"):
-        load_checkpoint(find_latest(tmp_path), bogus)
-    load_checkpoint(find_latest(tmp_path), bogus, optional=["optim.*"])
+        checkpointer.load(find_latest(tmp_path), {"optimizer": TensorState(bogus)})
+    checkpointer.load(find_latest(tmp_path), {"optimizer": TensorState(bogus)}, optional=["optim.*"])
     assert torch.equal(bogus["optim.exp_avg.not_a_param"], torch.zeros(3))
 
 
 def _crash_in_second_save(cfg, world, root):
     groups, params = _rank_params(cfg, world, SEED)
-    save_checkpoint(root, 1, params, groups, {"step": 1})
+    checkpointer = Checkpointer(root, groups)
+    model = {"model": TensorState(params)}
+    checkpointer.save(1, model, {"extra": Box({"step": 1})})
     with torch.no_grad():
         for p in params.values():
             p.add_(1.0)
@@ -171,7 +201,7 @@ def _crash_in_second_save(cfg, world, root):
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoint_files.fault_hook = die
-    save_checkpoint(root, 2, params, groups, {"step": 2})
+    checkpointer.save(2, model, {"extra": Box({"step": 2})})
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
@@ -190,12 +220,14 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
 
 def _async_save_rank(cfg, world, root):
     groups, params = _rank_params(cfg, world, SEED)
-    handle = save_checkpoint(root, 5, params, groups, {"step": 5}, async_save=True)
+    checkpointer = Checkpointer(root, groups, async_save=True)
+    handle = checkpointer.save(5, {"model": TensorState(params)}, {"extra": Box({"step": 5})})
     # Training goes on while the save is written: the checkpoint must hold the
     # values at the time of the call.
     with torch.no_grad():
         for p in params.values():
             p.mul_(-2.0)
+    assert checkpointer.wait() == handle.path
     return str(handle.wait())
 
 
@@ -211,7 +243,7 @@ def _expert_tp_rank(root, full):
     weight = tag(torch.zeros(0), expert=True, shard_dim=1, shard_group="expert_tp")
     local = tag(shard_tensor(full, meta(weight), coords_of(groups)), expert=True, shard_dim=1,
                 shard_group="expert_tp")
-    save_checkpoint(root, 1, {"experts.w": local}, groups, {})
+    Checkpointer(root, groups).save(1, {"experts": TensorState({"experts.w": local})})
     return coords_of(groups)
 
 
@@ -220,6 +252,6 @@ def test_expert_weights_split_over_ep_and_expert_tp(tmp_path):
     coords = run_distributed(_expert_tp_rank, 4, tmp_path, full, timeout=TIMEOUT)
     assert sorted((c["ep"][0], c["expert_tp"][0]) for c in coords) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     loaded = {"experts.w": torch.full((4, 6, 3), float("nan"))}
-    load_checkpoint(find_latest(tmp_path), loaded, metas={"experts.w": ParamMeta(expert=True, shard_dim=1,
-                                                                                 shard_group="expert_tp")})
+    Checkpointer(tmp_path).load(find_latest(tmp_path), {"experts": TensorState(loaded)},
+                                metas={"experts.w": ParamMeta(expert=True, shard_dim=1, shard_group="expert_tp")})
     assert torch.equal(loaded["experts.w"], full)

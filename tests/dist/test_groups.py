@@ -4,6 +4,7 @@ import torch.distributed as dist
 
 from mtrain.parallel.groups import create_groups
 from mtrain.parallel.layout import build_layout
+from mtrain.pipeline.schedule_rules import copy_groups
 from mtrain.testing import RankFailure, RankTimeout, run_distributed
 
 
@@ -18,7 +19,7 @@ def _allreduce_every_group(layout):
     return sums
 
 
-@pytest.mark.parametrize("sizes", [dict(tp=2, ep=4, pp=1), dict(tp=2, ep=2, pp=2, schedule="dualpipe"),
+@pytest.mark.parametrize("sizes", [dict(tp=2, ep=4, pp=1), dict(tp=2, ep=2, pp=2, stage_copies=copy_groups("dualpipe", 2)),
                                    dict(tp=1, ep=2, expert_tp=2, pp=2)])
 def test_allreduce_sums_group_members(sizes):
     layout = build_layout(8, **sizes)

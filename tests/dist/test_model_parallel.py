@@ -41,9 +41,9 @@ def _rank_run(world, tp, ep, expert_tp=1):
                                           expert_tp=groups.group("expert_tp"), dispatcher="alltoall"))
     initialize(chunk, SEED, cfg.init_std, coords)
     out = chunk(data(groups.index("dp")))
-    out["loss"].backward()
+    out.loss.backward()
     grads = {n: p.grad.clone() for n, p in chunk.named_parameters()}
-    return {"loss": out["loss"].item(), "lm": out["lm_loss"].item(), "grads": grads, "coords": coords,
+    return {"loss": out.loss.item(), "lm": out.lm_loss.item(), "grads": grads, "coords": coords,
             "dp": groups.index("dp"), "expert_dp": groups.ranks("expert_dp")}
 
 
@@ -55,8 +55,8 @@ def reference(dp_indices):
     for d in dp_indices:
         model.zero_grad()
         res = model(data(d))
-        res["loss"].backward()
-        out[d] = (res["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        res.loss.backward()
+        out[d] = (res.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
     return model, out
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mtrain.model.moe.dispatch import AllToAllOp, IdentityOp
+from mtrain.runtime.comm import AllToAllOp, IdentityOp
 from mtrain.pipeline.channels import Channel, create_p2p_channels, message_channel, pipeline_channels
 from mtrain.pipeline.executor import PipelineExecutor, expected_chunk_keys
 from mtrain.pipeline.instructions import (FORWARD, backward_dest_rank, backward_source_rank, forward_dest_rank,

@@ -13,14 +13,15 @@ import torch.distributed as dist
 
 from mtrain.config.loading import load_config
 from mtrain.model.model import ModelChunk, initialize
-from mtrain.model.moe.router import set_aux_loss_scale
 from mtrain.model.params import meta
 from mtrain.model.sharding import shard_tensor
-from mtrain.model.stage import build_chunks, coords_of, unique_parameters
+from mtrain.pipeline.stages import build_chunks, coords_of, unique_parameters
 from mtrain.parallel.groups import create_groups
 from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.channels import create_p2p_channels
 from mtrain.pipeline.executor import PipelineExecutor
+from mtrain.pipeline.schedule_rules import copy_groups, placement
+from mtrain.runtime.context import StepContext
 from mtrain.testing import run_distributed
 from mtrain.train.grads import reduce_gradients
 
@@ -43,7 +44,7 @@ def microbatches(cfg, count, offset=0):
 def _rank_step(overrides, world):
     cfg = config(overrides)
     p = cfg.parallel
-    layout = build_layout(world, p.tp, p.ep, 1, p.pp, schedule=p.schedule)
+    layout = build_layout(world, p.tp, p.ep, 1, p.pp, stage_copies=copy_groups(p.schedule, p.pp))
     groups = create_groups(layout, timeout_s=60)
     rank = dist.get_rank()
     pp_rank = layout.pp_rank(rank)
@@ -54,8 +55,7 @@ def _rank_step(overrides, world):
     dp = groups.index("dp")
     result = executor.step(microbatches(cfg, p.num_microbatches, dp * p.num_microbatches))
     params = unique_parameters(chunks)
-    embedding_copy = p.schedule in ("1f1b", "zb1p") and p.pp > 1 and cfg.model.mtp_depth > 0
-    reduce_gradients(params, groups, p.schedule, p.pp, embedding_copy)
+    reduce_gradients(params, groups, placement(p.schedule, p.pp, pp_rank, mtp=cfg.model.mtp_depth > 0))
     return {"grads": {n: q.grad for n, q in params.items()}, "coords": coords_of(groups),
             "losses": result.losses, "dp": dp}
 
@@ -64,14 +64,12 @@ def reference(cfg, dp_size):
     model = ModelChunk(cfg.model, list(range(cfg.model.num_layers)))
     initialize(model, cfg.train.seed, cfg.model.init_std)
     n = cfg.parallel.num_microbatches
-    # The auxiliary loss is attached to activations; it is scaled like the main loss.
-    set_aux_loss_scale(1.0 / (n * dp_size))
     losses = []
     for mb in microbatches(cfg, n * dp_size):
-        loss = model(mb)["loss"]
+        # The auxiliary loss is attached to activations; it is scaled like the main loss.
+        loss = model(mb, step=StepContext(loss_scale=1.0 / (n * dp_size))).loss
         (loss / (n * dp_size)).backward()
         losses.append(loss.item())
-    set_aux_loss_scale(1.0)
     return model, losses
 
 

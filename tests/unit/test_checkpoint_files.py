@@ -7,14 +7,39 @@ import pytest
 import torch
 
 from mtrain.train import checkpoint_files
-from mtrain.train.checkpoint import load_checkpoint, save_checkpoint
+from mtrain.train.checkpoint import Checkpointer
 from mtrain.train.checkpoint_files import (LATEST, MARKER, CorruptCheckpointError, find_latest, step_dir,
                                            tmp_dir, verify_checkpoint)
+from mtrain.train.state import TensorState
+
+
+class Box:
+    """Per-rank state that is just a dict."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def save_checkpoint(root, step, tensors, extra, **kwargs):
+    return Checkpointer(root, **kwargs).save(step, {"model": TensorState(tensors)}, {"extra": Box(extra)})
+
+
+def load_checkpoint(path, tensors):
+    """Fill ``tensors`` in place; the saved extra dict."""
+    box = Box()
+    Checkpointer(path.parent).load(path, {"model": TensorState(tensors)}, {"extra": box})
+    return box.state
 
 
 def save(root, step, keep_last=0):
     tensors = {"w": torch.full((64,), float(step)), "layers.0.b": torch.arange(8.0) + step}
-    return save_checkpoint(root, step, tensors, None, {"step": step}, keep_last=keep_last).wait()
+    return save_checkpoint(root, step, tensors, {"step": step}, keep_last=keep_last).wait()
 
 
 def data_file(path):
@@ -140,7 +165,7 @@ def test_crash_before_latest_keeps_previous_checkpoint(tmp_path, crash_at, point
 
 def test_saving_a_step_again_replaces_it(tmp_path):
     save(tmp_path, 1)
-    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, None, {"again": True}).wait()
+    path = save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"again": True}).wait()
     loaded = {"w": torch.zeros(3)}
     assert load_checkpoint(path, loaded) == {"again": True}
     assert torch.equal(loaded["w"], torch.ones(3))
@@ -150,9 +175,11 @@ def test_saving_a_step_again_replaces_it(tmp_path):
 
 def test_async_save_finalises_in_the_background(tmp_path):
     tensors = {"w": torch.arange(5.0)}
-    handle = save_checkpoint(tmp_path, 4, tensors, None, {"step": 4}, async_save=True)
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    handle = checkpointer.save(4, {"model": TensorState(tensors)}, {"extra": Box({"step": 4})})
     tensors["w"].zero_()
     assert handle.wait() == step_dir(tmp_path, 4) == find_latest(tmp_path)
+    assert checkpointer.wait() == handle.path  # the checkpointer joins its save in flight too
     loaded = {"w": torch.zeros(5)}
     load_checkpoint(handle.path, loaded)
     assert torch.equal(loaded["w"], torch.arange(5.0))

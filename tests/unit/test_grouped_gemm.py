@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from mtrain.kernels import grouped_gemm as kernels  # noqa: E402
 from mtrain.model.moe.experts import GroupedExperts  # noqa: E402
 from mtrain.model.moe.gemm_backends import TorchGroupedGemm  # noqa: E402
-from mtrain.model.wgrad import defer_weight_grads  # noqa: E402
+from mtrain.runtime.context import StepContext  # noqa: E402
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
 # Tiles of 16 so that tiny shapes still span several row, column and K tiles.
@@ -90,9 +90,11 @@ def run_experts(backend, counts, deferred):
     torch.manual_seed(0)
     experts = GroupedExperts(len(counts), hidden=24, ffn=40, init_std=0.2, grouped_gemm=backend)
     x = torch.randn(sum(counts), 24, requires_grad=True)
-    y = experts(x, counts)
+    step = StepContext()
+    with step.bound():  # the forward captures the context its backward defers into
+        y = experts(x, counts)
     if deferred:
-        with defer_weight_grads() as pending:
+        with step.deferring_weight_grads() as pending:
             y.square().sum().backward()
         assert all(p.grad is None for p in experts.parameters())
         pending.run()

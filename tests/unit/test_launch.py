@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mtrain.launch import requeue
 from mtrain.launch.announce import AnnounceSlurmJobs, JobAnnouncer
-from mtrain.launch.sbatch import compose_with_launcher, render_script, sbatch_options, script_for
+from mtrain.launch.sbatch import compose_with_launcher, main as sbatch_main, render_script, sbatch_options, script_for
 from mtrain.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +67,15 @@ def test_script_runs_one_task_per_rank_with_the_training_overrides(tmp_path):
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_sbatch_rejects_a_bad_choice_before_writing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        sbatch_main(["parallel.schedule=gpipe", "--out", str(tmp_path / "job.sbatch"), "--log-dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "parallel.schedule='gpipe' is not a valid choice; choose one of 1f1b, zb1p, dualpipe, dualpipev" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "job.sbatch").exists()
 
 
 def test_render_script_quotes_values_and_keeps_setup_lines(tmp_path):

@@ -3,6 +3,7 @@ import itertools
 import pytest
 
 from mtrain.parallel.layout import LayoutError, build_layout, layout_errors
+from mtrain.pipeline.schedule_rules import copy_groups
 
 
 def test_published_example_tp2_ep4():
@@ -15,11 +16,11 @@ def test_published_example_tp2_ep4():
     assert g["pp"] == [[r] for r in range(8)]
 
 
-def test_pipeline_groups_and_dualpipe_pairs():
-    layout = build_layout(16, tp=2, ep=2, pp=4, schedule="dualpipe")
+def test_pipeline_groups_and_dualpipe_stage_copies():
+    layout = build_layout(16, tp=2, ep=2, pp=4, stage_copies=copy_groups("dualpipe", 4))
     assert layout.groups["pp"][0] == [0, 4, 8, 12]
     # Ranks at pp positions r and pp-1-r of one pipeline hold the same stages.
-    assert [0, 12] in layout.groups["dualpipe_pair"] and [4, 8] in layout.groups["dualpipe_pair"]
+    assert [0, 12] in layout.groups["stage_copy"] and [4, 8] in layout.groups["stage_copy"]
     assert layout.groups["embedding"][0] == [0, 12]
     assert layout.pp_rank(9) == 2 and layout.rank_at(9, 0) == 1
 

@@ -5,8 +5,8 @@ from mtrain.config.loading import load_config
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.moe.deepep import regroup_received
 from mtrain.model.moe.dispatch import Dispatcher
-from mtrain.model.wgrad import defer_weight_grads
-from mtrain.pipeline.chunk import ChunkRunner
+from mtrain.runtime.context import StepContext
+from mtrain.runtime.runner import ChunkRunner
 
 
 def tiny(*overrides):
@@ -29,12 +29,12 @@ def test_stepwise_program_equals_plain_forward_backward():
     cfg, model = tiny()
     data = batch(cfg)
     out = model(data)
-    out["loss"].backward()
+    out.loss.backward()
     plain = grads(model)
     model.zero_grad()
     runner = ChunkRunner(model)
     loss = runner.forward(0, data)
-    assert torch.equal(loss, out["loss"].detach())
+    assert torch.equal(loss, out.loss.detach())
     runner.backward(0, torch.ones(()))
     stepwise = grads(model)
     assert plain.keys() == stepwise.keys()
@@ -45,11 +45,13 @@ def test_stepwise_program_equals_plain_forward_backward():
 def test_deferred_weight_grads_equal_immediate():
     cfg, model = tiny()
     data = batch(cfg)
-    model(data)["loss"].backward()
+    model(data).loss.backward()
     immediate = grads(model)
     model.zero_grad()
-    with defer_weight_grads() as pending:
-        model(data)["loss"].backward()
+    step = StepContext()
+    out = model(data, step=step)
+    with step.deferring_weight_grads() as pending:
+        out.loss.backward()
     assert len(pending) > 0
     assert model.layers["1"].mlp.experts.gate.grad is None  # deferred, not yet computed
     pending.run()
@@ -59,7 +61,7 @@ def test_deferred_weight_grads_equal_immediate():
 
 def test_every_parameter_gets_a_gradient():
     cfg, model = tiny()
-    model(batch(cfg))["loss"].backward()
+    model(batch(cfg)).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
 
@@ -79,13 +81,13 @@ def test_mtp_predicts_the_token_k_ahead():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         opt.zero_grad()
-        model(data)["loss"].backward()
+        model(data).loss.backward()
         opt.step()
     out = model(data)
-    assert out["lm_loss"].item() < 0.05 and out["mtp_loss"].item() < 0.05
+    assert out.lm_loss.item() < 0.05 and out.mtp_loss.item() < 0.05
     # Feed labels shifted by one more: an MTP that used the wrong offset would fit these.
     wrong = {"input_ids": data["input_ids"], "labels": torch.roll(data["labels"], -1, dims=1)}
-    assert model(wrong)["mtp_loss"].item() > 1.0
+    assert model(wrong).mtp_loss.item() > 1.0
 
 
 def test_local_dispatch_round_trip_weights_and_order():
@@ -121,8 +123,10 @@ def test_parameter_count_formula_matches_the_module():
 
 def test_deferred_weight_grads_build_no_graph():
     cfg, model = tiny()
-    with defer_weight_grads() as pending:
-        model(batch(cfg))["loss"].backward()
+    step = StepContext()
+    out = model(batch(cfg), step=step)
+    with step.deferring_weight_grads() as pending:
+        out.loss.backward()
     pending.run()
     assert not any(p.grad.requires_grad for p in model.parameters())
 
@@ -132,8 +136,8 @@ def test_recompute_modes_give_identical_results():
     for mode in ("none", "selective", "full"):
         cfg, model = tiny(f"model.recompute={mode}")
         out = model(batch(cfg))
-        out["loss"].backward()
-        results[mode] = (out["loss"].detach(), grads(model))
+        out.loss.backward()
+        results[mode] = (out.loss.detach(), grads(model))
     for mode in ("selective", "full"):
         assert torch.equal(results[mode][0], results["none"][0]), mode
         for name, g in results["none"][1].items():

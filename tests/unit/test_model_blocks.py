@@ -15,7 +15,7 @@ from mtrain.model.rope import (apply_rope, rope_frequencies, rope_tables, softma
                                yarn_mscale)
 from mtrain.model.sharding import load_full_state_dict, shard_full_state_dict
 from mtrain.model.tp import VocabParallelEmbedding, padded_vocab, vocab_parallel_cross_entropy
-from mtrain.model.wgrad import defer_weight_grads
+from mtrain.runtime.context import StepContext
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,8 @@ def test_mla_weight_grads_can_be_deferred(cfg):
     x = torch.randn(2, 6, cfg.hidden_size)
     _, x_grad, expected = _output_and_grads(m, x, cos, sin)
     m.zero_grad(set_to_none=True)
-    with defer_weight_grads() as pending:
+    step = StepContext()  # bound in the forward, deferring in the backward
+    with step.bound(), step.deferring_weight_grads() as pending:
         _, deferred_x_grad, now = _output_and_grads(m, x, cos, sin)
     linears = [n for n in now if n.endswith(".weight") and "norm" not in n]
     assert all(now[n] is None for n in linears) and len(pending) == len(linears)

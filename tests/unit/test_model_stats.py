@@ -2,8 +2,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtrain.config.loading import load_config
-from mtrain.model.stats import (attention_params, flops_per_token, memory_estimate, param_counts,
-                                peak_inflight_microbatches, swiglu_params)
+from mtrain.model.stats import attention_params, flops_per_token, memory_estimate, param_counts, swiglu_params
+from mtrain.pipeline.schedule_rules import peak_inflight_microbatches
 from mtrain.pipeline.simulate import simulate
 
 # configs/model/tiny.yaml written out by hand, piece by piece.

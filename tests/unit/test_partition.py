@@ -1,8 +1,8 @@
 import pytest
 
 from mtrain.config.loading import load_config
-from mtrain.config.validate import config_errors
 from mtrain.model.partition import balanced_layer_counts, stage_layers, stage_roles
+from mtrain.train.preflight import config_errors
 
 
 def test_even_split_is_contiguous():

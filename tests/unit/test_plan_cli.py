@@ -36,6 +36,14 @@ def test_invalid_config_exits_2_naming_fields():
     assert out.returncode == 2 and len(json.loads(out.stdout)["errors"]) >= 2
 
 
+def test_bad_choice_exits_2_with_one_message_naming_field_value_and_choices():
+    for args in (["parallel.schedule=gpipe"], ["parallel.schedule=gpipe", "output=json"]):
+        out = run(*args)
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.strip() == ("invalid config:\n  - parallel.schedule='gpipe' is not a valid choice; "
+                                      "choose one of 1f1b, zb1p, dualpipe, dualpipev")
+
+
 ONE_NODE = ("cluster.gpus_per_node=8", "parallel.pp=1", "parallel.ep=8", "parallel.schedule=1f1b")
 
 

@@ -13,7 +13,8 @@ import importlib
 
 import torch
 
-from mtrain.model.moe.dispatch import CommOp, DispatchPlan, Dispatcher, Pending
+from mtrain.model.moe.dispatch import DispatcherBackend, DispatchPlan, Dispatcher, register_dispatcher
+from mtrain.runtime.comm import CommOp, Pending
 
 _INSTALL_HINT = (
     "the deepep dispatcher needs the deep_ep package (DeepEP, built against NVSHMEM; see the Dockerfile) "
@@ -118,3 +119,12 @@ class DeepEPDispatcher(Dispatcher):
         plan.dispatch_op = _DeepEPDispatchOp(self, plan, (num_per_rank, num_per_rdma, num_per_expert, in_rank), row_experts)
         plan.combine_op = _DeepEPCombineOp(plan.dispatch_op)
         return plan
+
+
+def _available_on_gpu() -> bool:
+    return torch.cuda.is_available() and available()
+
+
+register_dispatcher(DispatcherBackend(
+    "deepep", lambda num_experts, ep_group=None, num_sms=20: DeepEPDispatcher(num_experts, ep_group, num_sms=num_sms),
+    _available_on_gpu, priority=1))

@@ -3,17 +3,15 @@
 A dispatcher cuts the routed half of an MoE layer at its two communication
 points. The local steps (``permute``, ``regroup``, ``unregroup``,
 ``unpermute``) are ordinary autograd computations; the communication steps are
-:class:`CommOp` objects with ``start`` (returns a :class:`Pending`; the data
-moves while the caller does other work) and ``start_transpose`` (the same
-exchange in reverse, which is its gradient). ``communicate`` wraps an op as a
-synchronous autograd function for the plain forward path; the pipeline runtime
-instead calls start/wait itself to overlap one micro-batch's exchange with
-another's compute.
+:class:`~mtrain.runtime.comm.CommOp` objects in the plan, which the MoE layer's
+program exchanges (synchronously in a plain forward, overlapped with another
+micro-batch's compute in the pipeline runtime).
 
-Backends: ``local`` (ep=1, no communication), ``alltoall``
-(torch.distributed ``all_to_all_single`` with uneven splits, counts exchanged
-first; gloo and nccl) and ``deepep`` (``deep_ep.Buffer``, GPU only, see
-:mod:`mtrain.model.moe.deepep`).
+Backends register themselves here (:func:`register_dispatcher`): ``local``
+(ep=1, no communication) and ``alltoall`` (torch.distributed
+``all_to_all_single`` with uneven splits, counts exchanged first; gloo and
+nccl) in this module, ``deepep`` (``deep_ep.Buffer``, GPU only) in
+:mod:`mtrain.model.moe.deepep`.
 """
 from __future__ import annotations
 
@@ -23,88 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-
-class Pending:
-    """A tensor that is (or will be) the result of a started exchange."""
-
-    def __init__(self, result: torch.Tensor, work=None, finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-        self._result, self._work, self._finish = result, work, finish
-
-    def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        if self._finish is not None:
-            self._result, self._finish = self._finish(self._result), None
-        return self._result
-
-
-class CommOp:
-    """A linear exchange of rows between ranks and its transpose."""
-
-    def start(self, x: torch.Tensor) -> Pending:
-        raise NotImplementedError
-
-    def start_transpose(self, grad: torch.Tensor) -> Pending:
-        raise NotImplementedError
-
-
-class IdentityOp(CommOp):
-    def start(self, x):
-        return Pending(x)
-
-    def start_transpose(self, grad):
-        return Pending(grad)
-
-
-class AllToAllOp(CommOp):
-    """``all_to_all_single`` sending ``send_splits[j]`` rows to rank j of ``group``."""
-
-    def __init__(self, send_splits: list[int], recv_splits: list[int], group):
-        self.send_splits, self.recv_splits, self.group = send_splits, recv_splits, group
-
-    @staticmethod
-    def _exchange(x, send, recv, group) -> Pending:
-        x = x.contiguous()
-        out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
-        work = dist.all_to_all_single(out, x, recv, send, group=group, async_op=True)
-        return Pending(out, work)
-
-    def start(self, x):
-        return self._exchange(x, self.send_splits, self.recv_splits, self.group)
-
-    def start_transpose(self, grad):
-        return self._exchange(grad, self.recv_splits, self.send_splits, self.group)
-
-    def transposed(self) -> "AllToAllOp":
-        return AllToAllOp(self.recv_splits, self.send_splits, self.group)
-
-
-class TransposedOp(CommOp):
-    def __init__(self, op: CommOp):
-        self.op = op
-
-    def start(self, x):
-        return self.op.start_transpose(x)
-
-    def start_transpose(self, grad):
-        return self.op.start(grad)
-
-
-class _Communicate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, op):
-        ctx.op = op
-        return op.start(x).wait()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.op.start_transpose(grad.contiguous()).wait(), None
-
-
-def communicate(x: torch.Tensor, op: CommOp) -> torch.Tensor:
-    """Run ``op`` synchronously, differentiably (its gradient is the transpose)."""
-    return _Communicate.apply(x, op)
+from mtrain.runtime.comm import AllToAllOp, CommOp, IdentityOp
 
 
 @dataclass
@@ -196,18 +113,44 @@ class Dispatcher:
         return (per_slot.view(tokens, plan.topk, -1) * weights.unsqueeze(-1)).sum(1)
 
 
-def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20):
-    """``auto`` picks deepep on CUDA when deep_ep imports, else alltoall (local for ep=1)."""
-    if kind == "auto":
-        from mtrain.model.moe import deepep
+@dataclass(frozen=True)
+class DispatcherBackend:
+    """A registered dispatcher: ``build(num_experts, ep_group, num_sms)``, and
+    ``available()`` saying whether ``auto`` may pick it on this machine."""
 
-        kind = "deepep" if torch.cuda.is_available() and deepep.available() else "alltoall"
-    if kind == "deepep":
-        from mtrain.model.moe.deepep import DeepEPDispatcher
+    name: str
+    build: Callable[..., "Dispatcher"]
+    available: Callable[[], bool]
+    priority: int = 0  # ``auto`` picks the available backend with the highest
 
-        return DeepEPDispatcher(num_experts, ep_group, num_sms=num_sms)
-    if kind == "local" and ep_group is not None and dist.get_world_size(ep_group) > 1:
-        raise ValueError("parallel.dispatcher=local works only with parallel.ep=1")
-    if kind not in ("local", "alltoall"):
-        raise ValueError(f"unknown dispatcher {kind!r}: use auto, local, alltoall or deepep")
+
+BACKENDS: dict[str, DispatcherBackend] = {}
+
+
+def register_dispatcher(backend: DispatcherBackend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20) -> Dispatcher:
     return Dispatcher(num_experts, ep_group)
+
+
+def _build_local(num_experts, ep_group=None, num_sms: int = 20) -> Dispatcher:
+    if ep_group is not None and dist.get_world_size(ep_group) > 1:
+        raise ValueError("parallel.dispatcher=local works only with parallel.ep=1")
+    return Dispatcher(num_experts, None)
+
+
+register_dispatcher(DispatcherBackend("alltoall", _build_alltoall, lambda: True))
+register_dispatcher(DispatcherBackend("local", _build_local, lambda: False))  # alltoall covers ep=1 itself
+
+
+def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20) -> Dispatcher:
+    """``auto`` picks the available registered backend of highest priority
+    (deepep on CUDA when deep_ep imports, else alltoall, local for ep=1)."""
+    kind = str(kind)
+    if kind == "auto":
+        kind = max((b for b in BACKENDS.values() if b.available()), key=lambda b: b.priority).name
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown dispatcher {kind!r}: use auto or one of {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms)

@@ -8,14 +8,16 @@ import torch.nn.functional as F
 
 from mtrain.model.moe.gemm_backends import grouped_gemm_backend
 from mtrain.model.params import tag
-from mtrain.model.wgrad import schedule_weight_grad
+from mtrain.runtime.context import current_step
+from mtrain.runtime.wgrad import defer_weight_grad
 
 
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, counts, gemm):
         ctx.save_for_backward(x, weight)
-        ctx.param = weight  # see wgrad._Linear: deferred grads go to the real parameter
+        ctx.param = weight  # see runtime.wgrad._Linear: deferred grads go to the real parameter
+        ctx.step = current_step()
         ctx.counts, ctx.gemm = counts, gemm
         return gemm.forward(x, weight, counts)
 
@@ -28,7 +30,7 @@ class _GroupedLinear(torch.autograd.Function):
         def weight_grad():
             return gemm.grad_weight(grad_out, x, counts)
 
-        if not ctx.needs_input_grad[1] or schedule_weight_grad([(ctx.param, weight_grad)]):
+        if not ctx.needs_input_grad[1] or defer_weight_grad(ctx.step, ctx.param, weight_grad):
             return grad_x, None, None, None
         return grad_x, weight_grad(), None, None
 

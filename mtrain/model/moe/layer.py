@@ -1,11 +1,15 @@
 """The MoE layer: shared experts plus routed experts behind a dispatcher.
 
-Its routed path is cut at the two exchanges so the pipeline runtime can run
-other work while tokens are on the wire: ``route`` (router, gates, TP slice,
-dispatch plan, permutation) | dispatch | ``compute_experts`` | combine |
-``finish`` (gates, TP gather, shared experts).
+Its routed path is a program cut at the two exchanges, so the pipeline runtime
+can run other work while tokens are on the wire: ``route`` (router, gates, TP
+slice, dispatch plan, permutation) | dispatch | ``experts`` | combine; then
+``finish`` (gates, TP gather, shared experts) gives the layer's output.
+``forward()`` runs exactly that program.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -17,6 +21,19 @@ from mtrain.model.moe.experts import GroupedExperts
 from mtrain.model.moe.expert_tp import group_counts, run_split_experts
 from mtrain.model.moe.router import Router, attach_aux_loss
 from mtrain.model.tp import gather_from_tp, scatter_to_tp, tp_rank, tp_size
+from mtrain.runtime.context import StepContext, maybe_recompute
+from mtrain.runtime.program import Carry, Compute, Exchange, run_plain
+
+
+@dataclass
+class MoECarry(Carry):
+    """What flows between the steps of a layer with an MoE MLP."""
+
+    hidden: Optional[torch.Tensor] = None  # the residual stream
+    normed: Optional[torch.Tensor] = None  # the MLP input, [B, S, H]
+    rows: Optional[torch.Tensor] = None  # one row per (token, selected expert), on the wire
+    gates: Optional[torch.Tensor] = None  # [tokens, top-k] gate weights of those rows
+    plan: Optional[DispatchPlan] = None  # where the rows go and how they come back
 
 
 class MoELayer(nn.Module):
@@ -36,10 +53,33 @@ class MoELayer(nn.Module):
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std)
                        if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)
-        # Sequence-wise aux loss values since the last reset (for logging).
-        self.aux_loss_sum, self.aux_loss_count = 0.0, 0
+        self.recompute = cfg.recompute == "full"
 
-    def route(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
+    def forward(self, x_norm: torch.Tensor, step: Optional[StepContext] = None) -> torch.Tensor:
+        carry = run_plain(self.program(), MoECarry(normed=x_norm), step or StepContext())
+        return self.output(carry)
+
+    def program(self, name: str = "moe") -> list:
+        """The routed path as steps over an :class:`MoECarry` (``normed`` set)."""
+        return [
+            Compute(self._route_step, f"{name}.route"),
+            Exchange("rows", lambda c: c.plan.dispatch_op, f"{name}.dispatch"),
+            Compute(self._experts_step, f"{name}.experts"),
+            Exchange("rows", lambda c: c.plan.combine_op, f"{name}.combine"),
+        ]
+
+    def output(self, carry: MoECarry) -> torch.Tensor:
+        """The layer's output from the combined rows (after the program)."""
+        return self.finish(carry.rows, carry.gates, carry.normed, carry.plan)
+
+    def _route_step(self, c: MoECarry, step: StepContext) -> MoECarry:
+        rows, gates, plan = self.route(c.normed, step)
+        return c.replace(rows=rows, gates=gates, plan=plan)
+
+    def _experts_step(self, c: MoECarry, step: StepContext) -> MoECarry:
+        return c.replace(rows=maybe_recompute(self.recompute, self.compute_experts, c.rows, c.plan))
+
+    def route(self, x_norm: torch.Tensor, step: StepContext) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
         """Rows to dispatch, their gates and the plan, for tokens ``x_norm`` [B, S, H].
 
         Routing runs on every token on every TP rank (identical there); with
@@ -52,9 +92,8 @@ class MoELayer(nn.Module):
         weights = routing.topk_weights
         if self.training and self.router.aux_alpha > 0:
             aux = self.router.sequence_aux_loss(routing, batch)
-            self.aux_loss_sum += float(aux.detach())
-            self.aux_loss_count += 1
-            weights = attach_aux_loss(weights, aux)
+            step.aux_losses.append(aux.detach())
+            weights = attach_aux_loss(weights, aux, step.loss_scale)
         idx = routing.topk_idx
         tp = tp_size(self.tp_group)
         if tp > 1:
@@ -85,3 +124,4 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x_norm)
         return y
+

@@ -11,33 +11,25 @@ import torch.nn.functional as F
 
 from mtrain.model.params import tag
 
-# The main loss is divided by the number of micro-batches; the auxiliary
-# loss attached to activations must be scaled the same way.
-_aux_loss_scale = 1.0
-
-
-def set_aux_loss_scale(scale: float) -> None:
-    global _aux_loss_scale
-    _aux_loss_scale = scale
-
-
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``x`` whose backward also seeds ``aux_loss`` with the loss scale,
+    """Identity on ``x`` whose backward also seeds ``aux_loss`` with ``scale``,
     so the auxiliary loss trains the router without travelling down the pipeline."""
 
     @staticmethod
-    def forward(ctx, x, aux_loss):
+    def forward(ctx, x, aux_loss, scale):
         ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         (aux_loss,) = ctx.saved_tensors
-        return grad, torch.full_like(aux_loss, _aux_loss_scale)
+        return grad, torch.full_like(aux_loss, ctx.scale), None
 
 
-def attach_aux_loss(x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-    return _AttachAuxLoss.apply(x, aux_loss)
+def attach_aux_loss(x: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale``: the main loss's factor (1/micro-batches), so both train alike."""
+    return _AttachAuxLoss.apply(x, aux_loss, scale)
 
 
 @dataclass

@@ -2,48 +2,19 @@
 
 Zero-bubble pipeline schedules split a backward pass into B (gradients for
 the inputs, needed by the previous stage now) and W (gradients for the
-weights, which can wait). Inside ``defer_weight_grads()`` the backward of
-:func:`linear` (and of the grouped expert GEMM) computes only the input
-gradient and queues the weight-gradient work; ``PendingWeightGrads.run()``
-later accumulates it into ``param.grad`` in the original order.
+weights, which can wait). The forward of :func:`linear` (and of the grouped
+expert GEMM) captures the step context it runs in; while that context defers
+weight gradients (:meth:`StepContext.deferring_weight_grads`), the backward
+computes only the input gradient and queues the weight-gradient work in the
+context's sink, which its W runs later, in the original order.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import torch
 
-_active: Optional["PendingWeightGrads"] = None
-
-
-class PendingWeightGrads:
-    """Weight-gradient work queued by one backward pass."""
-
-    def __init__(self):
-        self.work: list[Callable[[], None]] = []
-
-    @torch.no_grad()
-    def run(self) -> None:
-        # Outside autograd's backward, grad mode is on: the saved inputs still
-        # require grad and the weight gradients must not build a graph.
-        work, self.work = self.work, []
-        for fn in work:
-            fn()
-
-    def __len__(self) -> int:
-        return len(self.work)
-
-
-@contextlib.contextmanager
-def defer_weight_grads():
-    """Within this block, linear weight gradients are queued, not computed."""
-    global _active
-    previous, _active = _active, PendingWeightGrads()
-    try:
-        yield _active
-    finally:
-        _active = previous
+from mtrain.runtime.context import StepContext, current_step
 
 
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -53,12 +24,11 @@ def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad += grad
 
 
-def schedule_weight_grad(params_and_fns) -> bool:
-    """Queue ``[(param, fn)]`` when deferring (returns True); else do nothing (False)."""
-    if _active is None:
+def defer_weight_grad(step: Optional[StepContext], param: torch.Tensor, fn: Callable[[], torch.Tensor]) -> bool:
+    """Queue ``param.grad += fn()`` in ``step``'s sink when it defers (True); else False."""
+    if step is None or step.weight_grads is None:
         return False
-    for param, fn in params_and_fns:
-        _active.work.append(lambda p=param, f=fn: accumulate_grad(p, f()))
+    step.weight_grads.work.append(lambda: accumulate_grad(param, fn()))
     return True
 
 
@@ -69,6 +39,7 @@ class _Linear(torch.autograd.Function):
         # The parameter itself: under activation checkpointing the saved copy is
         # detached, and deferred gradients must land on the real parameter.
         ctx.param = weight
+        ctx.step = current_step()
         ctx.has_bias = bias is not None
         out = x @ weight.t()
         return out + bias if bias is not None else out
@@ -82,7 +53,7 @@ class _Linear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         grad_b = g2.sum(0) if ctx.has_bias else None
-        if schedule_weight_grad([(ctx.param, lambda: g2.t() @ x2)]):
+        if defer_weight_grad(ctx.step, ctx.param, lambda: g2.t() @ x2):
             return grad_x, None, grad_b
         return grad_x, g2.t() @ x2, grad_b
 

@@ -4,7 +4,7 @@
   ``tanh(linear)`` | exchange ("dispatch") | ``tanh(linear)`` ("experts") |
   exchange ("combine") | ``linear`` + residual; the first stage embeds token
   ids, the last one ends in a cross-entropy loss. Its exchanges are any
-  :class:`~mtrain.model.moe.dispatch.CommOp` (an ``AllToAllOp`` over a 2-rank
+  :class:`~mtrain.runtime.comm.CommOp` (an ``AllToAllOp`` over a 2-rank
   group, or ``IdentityOp``). Weights depend only on the stage index and seed.
 * :class:`SleepChunk` -- a synthetic stage whose forward, input-gradient and
   weight-gradient parts sleep for given times and whose exchanges are timers,
@@ -13,15 +13,29 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtrain.model.moe.dispatch import CommOp, IdentityOp, Pending
-from mtrain.model.wgrad import accumulate_grad, linear, schedule_weight_grad
-from mtrain.pipeline.program import Comm, Compute, Program
+from mtrain.runtime.comm import CommOp, IdentityOp, Pending
+from mtrain.runtime.context import current_step
+from mtrain.runtime.program import Carry, Compute, Exchange, Program
+from mtrain.runtime.wgrad import accumulate_grad, defer_weight_grad, linear
+
+
+@dataclass
+class ToyCarry(Carry):
+    input_ids: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
+    residual: Optional[torch.Tensor] = None
+    loss: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    dispatch: Optional[CommOp] = None  # this micro-batch's two exchanges
+    combine: Optional[CommOp] = None
 
 
 class ToyChunk(nn.Module):
@@ -44,31 +58,30 @@ class ToyChunk(nn.Module):
         if self.is_last:
             self.head = param(vocab, hidden)
 
-    def _attention(self, state: dict, ctx: dict) -> dict:
-        h = F.embedding(state["input_ids"], self.embed) if self.is_first else state["hidden"]
-        return {"hidden": torch.tanh(linear(h, self.w_in, self.b_in)), "residual": h}
+    def _attention(self, c: ToyCarry, step) -> ToyCarry:
+        h = F.embedding(c.input_ids, self.embed) if self.is_first else c.hidden
+        return c.replace(hidden=torch.tanh(linear(h, self.w_in, self.b_in)), residual=h)
 
-    def _experts(self, state: dict, ctx: dict) -> dict:
-        return {"hidden": torch.tanh(linear(state["hidden"], self.w_expert)), "residual": state["residual"]}
+    def _experts(self, c: ToyCarry, step) -> ToyCarry:
+        return c.replace(hidden=torch.tanh(linear(c.hidden, self.w_expert)))
 
-    def _output(self, state: dict, ctx: dict) -> dict:
-        h = state["residual"] + linear(state["hidden"], self.w_out)
+    def _output(self, c: ToyCarry, step) -> ToyCarry:
+        h = c.residual + linear(c.hidden, self.w_out)
         if not self.is_last:
-            return {"hidden": h}
+            return c.replace(hidden=h, residual=None)
         logits = linear(h, self.head)
-        loss = F.cross_entropy(logits.flatten(0, -2), ctx["labels"].flatten())
-        return {"loss": loss, "lm_loss": loss.detach()}
+        loss = F.cross_entropy(logits.flatten(0, -2), c.labels.flatten())
+        return ToyCarry(loss=loss, lm_loss=loss.detach())
 
     def program(self) -> Program:
-        return [Compute(self._attention, "attention"), Comm("hidden", "dispatch", "dispatch"),
-                Compute(self._experts, "experts"), Comm("hidden", "combine", "combine"),
-                Compute(self._output, "output")]
+        steps = [Compute(self._attention, "attention"), Exchange("hidden", lambda c: c.dispatch, "dispatch"),
+                 Compute(self._experts, "experts"), Exchange("hidden", lambda c: c.combine, "combine"),
+                 Compute(self._output, "output")]
+        return Program(steps, output="loss" if self.is_last else "hidden")
 
-    def initial_state(self, batch: dict, received: Optional[torch.Tensor]) -> dict:
-        return {"input_ids": batch["input_ids"]} if self.is_first else {"hidden": received}
-
-    def new_ctx(self, batch: dict) -> dict:
-        return {"dispatch": self.comm_op(), "combine": self.comm_op(), "labels": batch["labels"]}
+    def initial_carry(self, batch: dict, received: Optional[torch.Tensor]) -> ToyCarry:
+        return ToyCarry(input_ids=batch["input_ids"], labels=batch["labels"], hidden=received,
+                        dispatch=self.comm_op(), combine=self.comm_op())
 
     def boundary_shape(self, batch_size: int, seq_len: int) -> tuple[int, ...]:
         return (batch_size, seq_len, self.hidden)
@@ -124,6 +137,7 @@ class _SleepCompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, fwd_ms, input_ms, weight_ms, busy):
         ctx.weight, ctx.input_ms, ctx.weight_ms, ctx.busy = weight, input_ms, weight_ms, busy
+        ctx.step = current_step()
         sleep_ms(fwd_ms, busy)
         return x.clone()
 
@@ -136,7 +150,7 @@ class _SleepCompute(torch.autograd.Function):
             sleep_ms(weight_ms, busy)
             return torch.zeros_like(weight)
 
-        if not schedule_weight_grad([(weight, weight_grad)]):
+        if not defer_weight_grad(ctx.step, weight, weight_grad):
             accumulate_grad(weight, weight_grad())
         return grad, None, None, None, None, None
 
@@ -163,28 +177,26 @@ class SleepChunk(nn.Module):
         self.weights = nn.ParameterList([nn.Parameter(torch.zeros(hidden)) for _ in range(2)])
 
     def _half(self, i: int) -> Callable:
-        def fn(state: dict, ctx: dict) -> dict:
-            h = _SleepCompute.apply(state["hidden"], self.weights[i], self.fwd_half, self.input_half,
+        def fn(c: ToyCarry, step) -> ToyCarry:
+            h = _SleepCompute.apply(c.hidden, self.weights[i], self.fwd_half, self.input_half,
                                     self.weight_half, self.busy)
             if self.is_last and i == 1:
-                return {"loss": h.mean()}
-            return {"hidden": h}
+                return ToyCarry(loss=h.mean())
+            return c.replace(hidden=h)
         return fn
 
     def program(self) -> Program:
         steps = [Compute(self._half(0), "compute 0")]
         if self.fwd_comm_ms or self.bwd_comm_ms:
-            steps.append(Comm("hidden", "exchange", "exchange"))
-        return steps + [Compute(self._half(1), "compute 1")]
+            steps.append(Exchange("hidden", lambda c: c.dispatch, "exchange"))
+        steps.append(Compute(self._half(1), "compute 1"))
+        return Program(steps, output="loss" if self.is_last else "hidden")
 
-    def initial_state(self, batch: dict, received: Optional[torch.Tensor]) -> dict:
+    def initial_carry(self, batch: dict, received: Optional[torch.Tensor]) -> ToyCarry:
         if self.is_first:
             ids = batch["input_ids"]
-            return {"hidden": torch.zeros(*ids.shape, self.hidden)}
-        return {"hidden": received}
-
-    def new_ctx(self, batch: dict) -> dict:
-        return {"exchange": TimerOp(self.fwd_comm_ms, self.bwd_comm_ms)}
+            received = torch.zeros(*ids.shape, self.hidden)
+        return ToyCarry(hidden=received, dispatch=TimerOp(self.fwd_comm_ms, self.bwd_comm_ms))
 
     def boundary_shape(self, batch_size: int, seq_len: int) -> tuple[int, ...]:
         return (batch_size, seq_len, self.hidden)

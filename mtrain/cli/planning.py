@@ -2,13 +2,15 @@
 starting processes. Shared by ``mtrain-plan`` and the trainer's start-up log."""
 from __future__ import annotations
 
-from mtrain.config.validate import config_errors, planned_world_size
+from mtrain.config.validate import planned_world_size
 from mtrain.model.partition import stage_layers, stage_roles
-from mtrain.model.stats import flops_per_token, memory_estimate, param_counts, peak_inflight_microbatches
+from mtrain.model.stats import flops_per_token, memory_estimate, param_counts
 from mtrain.parallel.layout import build_layout
-from mtrain.pipeline.schedule_rules import num_model_stages, param_copies, stages_of_rank
+from mtrain.pipeline.schedule_rules import (copy_groups, num_model_stages, param_copies, peak_inflight_microbatches,
+                                            stages_of_rank)
+from mtrain.train.preflight import config_errors
 
-PLAN_GROUP_KINDS = ("tp", "pp", "dp", "ep", "expert_dp", "expert_tp", "mp", "embedding", "dualpipe_pair")
+PLAN_GROUP_KINDS = ("tp", "pp", "dp", "ep", "expert_dp", "expert_tp", "mp", "embedding", "stage_copy")
 
 
 def make_plan(cfg, world_size: int | None = None) -> dict:
@@ -18,13 +20,13 @@ def make_plan(cfg, world_size: int | None = None) -> dict:
     plan = {
         "world_size": world,
         "tp": p.tp, "ep": p.ep, "expert_tp": p.expert_tp, "pp": p.pp, "dp": None,
-        "expert_dp": None, "order": p.order, "schedule": p.schedule,
+        "expert_dp": None, "order": p.order, "schedule": str(p.schedule),
         "num_microbatches": p.num_microbatches, "groups": {}, "pipeline_ranks": [],
         "errors": config_errors(cfg, world),
     }
     if plan["errors"]:
         return plan
-    layout = build_layout(world, p.tp, p.ep, p.expert_tp, p.pp, p.order, p.schedule)
+    layout = build_layout(world, p.tp, p.ep, p.expert_tp, p.pp, p.order, copy_groups(p.schedule, p.pp))
     plan.update(dp=layout.dp, expert_dp=layout.expert_dp)
     plan["groups"] = {k: layout.groups[k] for k in PLAN_GROUP_KINDS if k in layout.groups}
     plan["num_stages"] = num_model_stages(p.schedule, p.pp)

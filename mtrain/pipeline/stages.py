@@ -1,9 +1,9 @@
 """Build the model chunks one rank holds, for any layout and schedule.
 
-DualPipe: pipeline rank r holds stage r of direction 0 and stage pp-1-r of
-direction 1, so the ranks at both ends hold the embedding, the head and MTP
-together (one embedding module serves both chunks). DualPipeV: stages r and
-2pp-1-r. Other schedules: stage r.
+Which (stage, direction) chunks a pipeline rank holds comes from its
+:class:`~mtrain.pipeline.schedule_rules.Placement`. Where one rank holds both
+a first and a last stage (DualPipe's and DualPipeV's end ranks), one
+embedding module serves both chunks.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn as nn
 from mtrain.model.block import ModelGroups
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.partition import stage_layers
-from mtrain.pipeline.schedule_rules import num_model_stages, stages_of_rank
+from mtrain.pipeline.schedule_rules import placement
 
 ChunkKey = tuple[int, int]  # (stage, direction)
 
@@ -39,16 +39,15 @@ def build_chunks(cfg, groups=None, pp_rank: int = 0, seed: Optional[int] = None)
     initialised from ``seed`` (default ``cfg.train.seed``) so that every layout
     starts from the same weights."""
     p, m = cfg.parallel, cfg.model
-    num_stages = num_model_stages(p.schedule, p.pp)
-    layers = stage_layers(m.num_layers, num_stages, p.pipeline_layout)
+    place = placement(p.schedule, p.pp, pp_rank, mtp=m.mtp_depth > 0)
+    layers = stage_layers(m.num_layers, place.num_stages, p.pipeline_layout)
     mg = model_groups(cfg, groups)
-    stages = stages_of_rank(p.schedule, p.pp, pp_rank)
-    keys = [(s, d if p.schedule == "dualpipe" else 0) for d, s in enumerate(stages)]
     chunks: dict[ChunkKey, ModelChunk] = {}
     embedding: Optional[nn.Module] = None
     # Build first stages first so a last stage on the same rank can share their embedding.
-    for stage, direction in sorted(keys):
-        chunk = ModelChunk(m, layers[stage], stage, stage == 0, stage == num_stages - 1, mg, shared_embedding=embedding)
+    for stage, direction in sorted(place.chunk_keys):
+        chunk = ModelChunk(m, layers[stage], stage, place.is_first(stage), place.is_last(stage), mg,
+                           shared_embedding=embedding)
         if hasattr(chunk, "embed"):
             embedding = chunk.embed
         chunks[(stage, direction)] = chunk

@@ -1,0 +1,96 @@
+"""Choice fields are enums in the schema that read and write as plain names,
+and ``mtrain.config`` stays the lowest layer."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import mtrain.config
+from mtrain.config import Choice, Config, ConfigError, Dtype, Schedule
+from mtrain.config.loading import choice_fields, load_config, override_errors
+from mtrain.train.preflight import config_errors
+
+
+def test_override_and_yaml_strings_become_enums_that_write_back_plain(tmp_path):
+    cfg = load_config(["parallel.schedule=1f1b", "parallel.pp=1", "train.dtype=bf16"])
+    assert cfg.parallel.schedule is Schedule["1f1b"] and cfg.train.dtype is Dtype.bf16
+    assert load_config(["parallel=single"]).parallel.schedule is Schedule["1f1b"]  # from YAML
+    # Usable wherever the plain string is.
+    s = cfg.parallel.schedule
+    assert s == "1f1b" and s in ("1f1b", "zb1p") and {"1f1b": 1}[s] == 1
+    assert (str(s), f"{s}", f"{s:>5}", "%s" % s) == ("1f1b", "1f1b", " 1f1b", "1f1b")
+    assert "-1f1b-" in cfg.run_dir  # interpolated into a string
+    assert json.dumps({"s": s}) == '{"s": "1f1b"}'
+    assert json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))["train"]["dtype"] == "bf16"
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "  schedule: 1f1b\n" in text and "  dtype: bf16\n" in text and "Schedule" not in text
+    # The written file merges back onto the schema as the same enums.
+    again = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(tmp_path / "config.yaml"))
+    assert again.parallel.schedule is Schedule["1f1b"] and again.train.dtype is Dtype.bf16
+
+
+def test_every_choice_is_named_by_its_value():
+    for key, enum in choice_fields().items():
+        assert issubclass(enum, Choice), key
+        assert [m.name for m in enum] == list(enum.values()), key
+    with pytest.raises(ValueError, match="must have the value"):
+        class Bad(Choice):
+            a = "b"
+
+
+def test_schema_choices_match_the_packages_that_use_them():
+    from mtrain.model.moe.gemm_backends import KINDS
+    from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES
+    from mtrain.train.lr import LR_SCHEDULES
+    from mtrain.train.reporting import WANDB_MODES
+
+    fields = choice_fields()
+    assert fields["parallel.schedule"].values() == SCHEDULE_NAMES
+    assert fields["model.grouped_gemm"].values() == KINDS
+    assert fields["train.lr_schedule"].values() == LR_SCHEDULES
+    assert fields["logging.wandb_mode"].values() == WANDB_MODES
+
+
+def test_bad_choice_names_the_field_the_value_and_the_choices():
+    assert override_errors(["+train.dtype=fp16", "parallel.schedule=1f1b,gpipe", "parallel.backend=1",
+                            "--cfg", "job", "model=small", "parallel.schedule=${x}"]) == [
+        "train.dtype='fp16' is not a valid choice; choose one of fp32, bf16",
+        "parallel.schedule='gpipe' is not a valid choice; choose one of 1f1b, zb1p, dualpipe, dualpipev",
+        "parallel.backend=1 is not a valid choice; choose one of auto, gloo, nccl",
+    ]
+
+
+def test_train_cli_reports_a_bad_choice_once_and_exits_2():
+    out = subprocess.run([sys.executable, "-m", "mtrain.cli.train", "parallel.dispatcher=nvlink"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("invalid config:\n  - parallel.dispatcher='nvlink' is not a valid choice; "
+                                  "choose one of auto, local, alltoall, deepep")
+
+
+def test_lr_schedule_is_reported_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(["train.lr_schedule=linear"])
+    assert len(info.value.errors) == 1
+    # A Config object bypasses OmegaConf's enum check; the rule still fires once.
+    cfg = OmegaConf.to_object(load_config())
+    cfg.train.lr_schedule = "linear"
+    errors = config_errors(cfg)
+    assert len(errors) == 1 and "train.lr_schedule='linear'" in errors[0], errors
+
+
+def test_config_imports_nothing_from_other_mtrain_packages():
+    for path in Path(mtrain.config.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path.name}: relative import"
+                names = [node.module or ""]
+            for name in names:
+                inside = name == "mtrain.config" or name.startswith("mtrain.config.")
+                assert inside or not (name == "mtrain" or name.startswith("mtrain.")), f"{path.name}: {name}"
