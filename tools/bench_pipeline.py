@@ -15,7 +15,7 @@ stages get half the costs (same model as the other rows). Sleeping makes the
 comparison independent of the number of cores. torch's ``Schedule1F1B`` and
 ``ScheduleDualPipeV`` run the same sleeping stages as peers.
 
-``--model NAME``: the real model (``mtrain.model.stage.build_chunks``), config
+``--model NAME``: the real model (``mtrain.pipeline.stages.build_chunks``), config
 ``model=NAME``, one pipeline, on gloo.
 
 Printed: per schedule the step time (median of ``--steps`` after one warm-up),
@@ -379,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from mtrain.config.loading import load_config
             from mtrain.pipeline.stages import build_chunks  # noqa: F401
         except ImportError as e:
-            print(f"error: --model needs mtrain.model.stage.build_chunks ({e})", file=sys.stderr)
+            print(f"error: --model needs mtrain.pipeline.stages.build_chunks ({e})", file=sys.stderr)
             return 2
         cfg = load_config([f"model={args.model}"])
         tokens = n * cfg.train.micro_batch_size * cfg.data.seq_len

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from mtrain.config.loading import override_errors
 from mtrain.config.schema import register_configs
 from mtrain.config.validate import ConfigError
+from mtrain.launch.requeue import requeue_if_warned
 
 
 @hydra.main(config_path="pkg://mtrain.configs", config_name="config", version_base="1.3")
@@ -31,6 +32,8 @@ def _app(cfg: DictConfig) -> int:
         sys.exit(2)
     try:
         code = trainer.run()
+        if trainer.stopped_early:  # every rank: requeue after Slurm's time-limit warning
+            requeue_if_warned(trainer.stop_signal)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

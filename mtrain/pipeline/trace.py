@@ -2,7 +2,7 @@
 
 The executor records, per instruction, when it started waiting for its
 inputs, when it started computing and when it ended, plus the compute and
-exchange events of its program steps (:class:`~mtrain.pipeline.program.EventLog`).
+exchange events of its program steps (:class:`~mtrain.runtime.context.EventLog`).
 From that:
 
 * :func:`chrome_trace` -- Chrome trace JSON (``{"traceEvents": [...]}``, opens in

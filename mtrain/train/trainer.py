@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 from mtrain.train.preflight import check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
-from mtrain.launch.requeue import requeue_if_warned
 from mtrain.model.moe.layer import MoELayer
 from mtrain.pipeline.stages import build_chunks, unique_parameters
 from mtrain.model.stats import flops_per_token
@@ -70,7 +69,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stop_requested = False
-        self._stop_signal = None
+        self.stop_signal = None
+        self.stopped_early = False  # stopped on a signal or train.exit_interval, checkpoint written
         env = detect_env()
         check_config(cfg, env.world_size)
         self.env = init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_s, env)
@@ -131,7 +131,7 @@ class Trainer:
     def _request_stop(self, signum, frame):
         log.warning("rank %d: received signal %d, will checkpoint and stop at the next step boundary", self.rank, signum)
         self._stop_requested = True
-        self._stop_signal = signum
+        self.stop_signal = signum
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
@@ -306,7 +306,7 @@ class Trainer:
                     self.checkpointer.wait()
                     if self.rank == 0:
                         log.warning("stopped at step %d; checkpoint written", self.step)
-                    requeue_if_warned(self._stop_signal)  # Slurm's time-limit warning: come back later
+                    self.stopped_early = True  # the launcher may requeue the job (Slurm's time-limit warning)
                     return 0
                 if last or self.step % cfg.checkpoint.interval == 0:
                     self.save()
