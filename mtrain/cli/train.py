@@ -18,11 +18,12 @@ from omegaconf import DictConfig
 from mtrain.config.loading import override_errors
 from mtrain.config.schema import register_configs
 from mtrain.config.validate import ConfigError
-from mtrain.launch.requeue import requeue_if_warned
 
 
 @hydra.main(config_path="pkg://mtrain.configs", config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> int:
+    # Imported here, after Hydra has set up logging: loggers created before it are disabled.
+    from mtrain.launch.requeue import requeue_if_warned
     from mtrain.train.trainer import Trainer
 
     try:
