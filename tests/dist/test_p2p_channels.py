@@ -19,7 +19,7 @@ from mtrain.pipeline.channels import Channel, create_p2p_channels, message_chann
 from mtrain.pipeline.executor import PipelineExecutor, expected_chunk_keys
 from mtrain.pipeline.instructions import (FORWARD, backward_dest_rank, backward_source_rank, forward_dest_rank,
                                           forward_source_rank)
-from mtrain.pipeline.schedule_rules import num_model_stages, schedule_errors
+from mtrain.pipeline.schedule_rules import num_model_stages, placement, schedule_errors
 from mtrain.pipeline.schedules import build_schedule
 from mtrain.testing import run_distributed
 from tests.dist.test_executor import ATOL, MBS, RTOL, SCHEDULES, _grads, make_batches, make_chunk, reference
@@ -131,7 +131,7 @@ def _check_untagged(schedule: str, pp: int, n: int, pipelines: int) -> None:
                                    rtol=RTOL, atol=ATOL)
         for s, ref in enumerate(ref_grads[p]):
             copies = [r["grads"][key] for r in mine for key in r["grads"] if key[0] == s]
-            assert len(copies) == (2 if schedule == "dualpipe" else 1)
+            assert len(copies) == placement(schedule, pp, 0).copies_per_stage
             for name, g in ref.items():
                 torch.testing.assert_close(sum(c[name] for c in copies), g, rtol=RTOL, atol=ATOL,
                                            msg=lambda m: f"pipeline {p} stage {s} {name}: {m}")
