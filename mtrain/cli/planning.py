@@ -1,5 +1,6 @@
-"""The plan of a run: resolved sizes, groups and stage placement, without
-starting processes. Shared by ``mtrain-plan`` and the trainer's start-up log."""
+"""The plan of a run for ``mtrain-plan``: resolved sizes, groups (DualPipe's
+mirrored ranks as ``stage_copy``), stage placement, parameter counts, FLOPs and
+memory, without starting processes."""
 from __future__ import annotations
 
 from mtrain.config.validate import planned_world_size

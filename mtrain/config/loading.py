@@ -2,8 +2,6 @@
 check command-line choices before Hydra composes them."""
 from __future__ import annotations
 
-import dataclasses
-import typing
 from typing import Iterable
 
 from hydra import compose, initialize_config_module
@@ -12,25 +10,10 @@ from hydra.core.override_parser.types import ChoiceSweep, OverrideType
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
-from mtrain.config.schema import Choice, Config, register_configs
-from mtrain.config.validate import ConfigError
+from mtrain.config.schema import register_configs
+from mtrain.config.validate import ConfigError, choice_error, choice_fields
 
 CONFIG_MODULE = "mtrain.configs"
-
-
-def choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Choice]]:
-    """Dotted key -> enum of every choice field of the schema."""
-    fields = {}
-    for name, hint in typing.get_type_hints(schema).items():
-        if isinstance(hint, type) and issubclass(hint, Choice):
-            fields[prefix + name] = hint
-        elif dataclasses.is_dataclass(hint):
-            fields.update(choice_fields(hint, f"{prefix}{name}."))
-    return fields
-
-
-def choice_error(key: str, value, choices: type[Choice]) -> str:
-    return f"{key}={value!r} is not a valid choice; choose one of {', '.join(choices.values())}"
 
 
 def override_errors(args: Iterable[str]) -> list[str]:
@@ -52,6 +35,8 @@ def override_errors(args: Iterable[str]) -> list[str]:
         if choices is None or override.type == OverrideType.DEL:
             continue
         value = override.value()
+        if override.is_sweep_override() and not isinstance(value, ChoiceSweep):
+            continue  # glob, range and interval sweeps are Hydra's to expand and judge
         values = value.list if isinstance(value, ChoiceSweep) else [value]
         for v in values:
             # null and interpolations are OmegaConf's to judge.

@@ -10,6 +10,14 @@ Every message names the fields, the values and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
+
+from mtrain.config.schema import Choice, Config
+
+# Choices whose own rules (the schedule rules, the LR schedule) report an unknown name.
+_CHOICES_CHECKED_ELSEWHERE = ("parallel.schedule", "train.lr_schedule")
+
 
 class ConfigError(ValueError):
     """One or more config problems; ``errors`` holds them all."""
@@ -17,6 +25,35 @@ class ConfigError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
         super().__init__("invalid config:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+def choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Choice]]:
+    """Dotted key -> enum of every choice field of the schema."""
+    fields = {}
+    for name, hint in typing.get_type_hints(schema).items():
+        if isinstance(hint, type) and issubclass(hint, Choice):
+            fields[prefix + name] = hint
+        elif dataclasses.is_dataclass(hint):
+            fields.update(choice_fields(hint, f"{prefix}{name}."))
+    return fields
+
+
+def choice_error(key: str, value, choices: type[Choice]) -> str:
+    return f"{key}={value!r} is not a valid choice; choose one of {', '.join(choices.values())}"
+
+
+def _choice_errors(cfg) -> list[str]:
+    """A composed config holds enums already; a Config built in code may hold any string."""
+    errors = []
+    for key, choices in choice_fields().items():
+        if key in _CHOICES_CHECKED_ELSEWHERE:
+            continue
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and str(value) not in choices.values():
+            errors.append(choice_error(key, str(value), choices))
+    return errors
 
 
 def planned_world_size(cfg) -> int:
@@ -72,7 +109,7 @@ def field_errors(cfg, world_size: int | None = None) -> list[str]:
     """
     p, m, t = cfg.parallel, cfg.model, cfg.train
     world = planned_world_size(cfg) if world_size is None else world_size
-    errors = []
+    errors = _choice_errors(cfg)
     if p.dp is not None and p.tp * p.pp >= 1 and p.dp * p.tp * p.pp != world:
         errors.append(
             f"parallel.dp={p.dp} with parallel.tp={p.tp} and parallel.pp={p.pp} needs "

@@ -2,8 +2,10 @@
 
 The job asks Slurm for SIGUSR1 some minutes before its time limit
 (``--signal=USR1@<seconds>``, sent to every task). The trainer checkpoints at
-the next step boundary on all ranks, then calls :func:`requeue_if_warned`:
-rank 0 runs ``scontrol requeue`` and every rank leaves. Slurm puts the job back
+the next step boundary on all ranks and returns; ``mtrain-train`` then calls
+:func:`requeue_if_warned` on every rank: rank 0 runs ``scontrol requeue`` and
+every rank leaves. (Code that runs ``Trainer.run()`` itself calls it the same
+way after ``run()`` returns with ``trainer.stopped_early``.) Slurm puts the job back
 in the queue under the same id, and the next start resumes from the
 checkpoint (``checkpoint.resume=latest``).
 

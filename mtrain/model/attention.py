@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from mtrain.model.norm import RMSNorm
 from mtrain.model.rope import apply_rope, softmax_scale
 from mtrain.model.tp import (ColumnParallelLinear, Group, ReplicatedLinear, RowParallelLinear, copy_to_tp, divide,
                              tp_size)
+from mtrain.runtime.context import maybe_recompute
 
 
 class MLAttention(nn.Module):
@@ -66,10 +66,7 @@ class MLAttention(nn.Module):
         # k_pe feeds only this rank's heads: sum its gradient over the TP ranks.
         k_pe = copy_to_tp(k_pe, self.tp_group)
 
-        if self.selective_recompute and torch.is_grad_enabled():
-            q, kv = checkpoint(self._up_project, q_in, kv_latent, use_reentrant=False)
-        else:
-            q, kv = self._up_project(q_in, kv_latent)
+        q, kv = maybe_recompute(self.selective_recompute, self._up_project, q_in, kv_latent)
 
         heads = self.num_local_heads
         q_nope, q_pe = q.view(batch, seq, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)

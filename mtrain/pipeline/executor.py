@@ -41,7 +41,7 @@ from mtrain.pipeline.instructions import (BACKWARD_INPUT, FORWARD, Instruction, 
                                           backward_dest_rank, backward_source_rank, forward_dest_rank,
                                           forward_source_rank)
 from mtrain.pipeline.p2p import PipeComm, RecvRequest
-from mtrain.pipeline.schedule_rules import Placement, placement
+from mtrain.pipeline.schedule_rules import num_model_stages, placement
 from mtrain.pipeline.schedules import build_schedule
 from mtrain.pipeline.trace import OpRecord, RankTrace
 from mtrain.runtime.context import EventLog, StepContext, WeightGradSink
@@ -73,7 +73,7 @@ class StepResult:
 
 def expected_chunk_keys(schedule: str, pp: int, pp_rank: int) -> list[ChunkKey]:
     """The (stage, direction) chunks pipeline rank ``pp_rank`` must hold."""
-    return list(placement(schedule, pp, pp_rank).chunk_keys)
+    return list(placement(schedule, pp, pp_rank, mtp=False).chunk_keys)  # the same with or without MTP
 
 
 def _chunk_dtype_device(chunk: Chunk) -> tuple[torch.dtype, torch.device]:
@@ -108,8 +108,7 @@ class PipelineExecutor:
                  channels: Optional[Mapping[Channel, dist.ProcessGroup]] = None, p2p_tags: bool = True):
         if len(pp_group_ranks) != pp:
             raise ValueError(f"pp_group_ranks has {len(pp_group_ranks)} ranks, expected pp={pp}")
-        self.placement: Placement = placement(schedule, pp, pp_rank)
-        expected = list(self.placement.chunk_keys)
+        expected = expected_chunk_keys(schedule, pp, pp_rank)
         if sorted(chunks) != sorted(expected):
             raise ValueError(f"{schedule} pipeline rank {pp_rank} holds chunks {expected} (stage, direction); "
                              f"got {sorted(chunks)}")
@@ -125,7 +124,7 @@ class PipelineExecutor:
             self._dtype_device[key] = (dtype or own_dtype, device or own_device)
         if channels is None:
             channels = {} if pp == 1 else create_p2p_channels(gather_pipelines(pp_group_ranks), schedule, pp)
-        self.comm = PipeComm(pp_rank, pp_group_ranks, self.placement.num_stages, num_microbatches, channels,
+        self.comm = PipeComm(pp_rank, pp_group_ranks, num_model_stages(schedule, pp), num_microbatches, channels,
                              tagged=p2p_tags)
 
     # -- dependencies ------------------------------------------------------

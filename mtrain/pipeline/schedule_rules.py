@@ -157,8 +157,9 @@ class Placement:
     """What pipeline rank ``rank`` holds under ``schedule`` with ``pp`` ranks.
 
     Built once from the schedule rules (:func:`placement`); the trainer, the
-    executor, channels, gradient reduction, checkpoints and stage building ask
-    it instead of comparing schedule names.
+    executor, gradient reduction, router balancing and stage building ask it
+    (channels and the simulator ask the rules above) instead of comparing
+    schedule names.
     """
 
     schedule: str
@@ -205,7 +206,9 @@ class Placement:
         return self.is_original(chunk_key) and (self.is_first(chunk_key[0]) or not name.startswith("embed."))
 
 
-def placement(schedule: str, pp: int, rank: int, mtp: bool = False) -> Placement:
+def placement(schedule: str, pp: int, rank: int, *, mtp: bool) -> Placement:
+    """The Placement of pipeline rank ``rank``; ``mtp``: the model has MTP
+    modules (it decides whether the last stage needs its own embedding)."""
     r = rules(schedule)
     stages = stages_of_rank(schedule, pp, rank)
     keys = tuple((s, d if r.mirrored else 0) for d, s in enumerate(stages))

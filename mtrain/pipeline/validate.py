@@ -26,7 +26,7 @@ from mtrain.pipeline.instructions import (
     num_directions,
     stage_rank,
 )
-from mtrain.pipeline.schedule_rules import num_directions, num_model_stages
+from mtrain.pipeline.schedule_rules import num_model_stages
 
 
 class ScheduleError(ValueError):

@@ -91,7 +91,14 @@ def run_plain(steps: list, carry: Carry, step: StepContext) -> Carry:
 
 def detached(carry: Carry) -> Carry:
     """Cut the autograd graph at a step boundary: every activation becomes a
-    leaf that keeps requiring grad, so the previous step gets its gradient."""
+    leaf that keeps requiring grad, so the previous step gets its gradient.
+    Activations must be top-level fields: one inside a tuple or another object
+    would keep the graph joined across steps."""
+    for f in dataclasses.fields(carry):
+        value = getattr(carry, f.name)
+        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) and v.requires_grad for v in value):
+            raise TypeError(f"{type(carry).__name__}.{f.name} nests a tensor that requires grad; "
+                            f"give it a field of its own")
     return carry.replace(**{k: v.detach().requires_grad_(True) for k, v in carry.activations().items()})
 
 
@@ -162,7 +169,9 @@ def backward_steps(rec: Recording, grads: dict, side: str = "B") -> Iterator[Pen
                     gouts.append(g)
             step.log(side, "compute_start", s.name)
             if outs:
-                with step.bound():  # recomputed forwards capture the same context
+                # Bound for recomputations run in this thread (CPU); on CUDA the
+                # autograd device thread runs them, and maybe_recompute re-binds.
+                with step.bound():
                     torch.autograd.backward(outs, gouts)
             step.log(side, "compute_end", s.name)
             for name, v in record.inputs.activations().items():

@@ -37,13 +37,19 @@ class ChunkRunner:
     def forward_gen(self, mb: int, batch: dict, received: Optional[torch.Tensor],
                     step: Optional[StepContext] = None) -> Iterator[Pending]:
         rec = Recording(step or StepContext())
-        self.saved[mb] = rec
+        if received is not None and not self.chunk.is_first:
+            # The received hidden state is an activation: its gradient goes back to the previous stage.
+            received = received.detach().requires_grad_(True)
         final = yield from forward_steps(self.program.steps, self.chunk.initial_carry(batch, received), rec, "F")
+        self.saved[mb] = rec
         return getattr(final, self.program.output)
 
     def backward_gen(self, mb: int, grad_output: torch.Tensor) -> Iterator[Pending]:
         rec = self.saved.pop(mb)
         grads = yield from backward_steps(rec, {self.program.output: grad_output}, "B")
+        left = set(grads) - {self.program.input}
+        if left:  # a gradient that reached no step: the program dropped an activation
+            raise RuntimeError(f"stage {self.chunk.stage}: gradients of {sorted(left)} reached no step")
         return None if self.chunk.is_first else grads.get(self.program.input)
 
     def forward(self, mb, batch, received=None, step: Optional[StepContext] = None):

@@ -42,8 +42,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from mtrain.model.params import ParamMeta, meta
-from mtrain.train.checkpoint_files import (CorruptCheckpointError, finalize, find_latest, read_manifest, reach,
-                                           remove_stale_tmp, step_dir, tmp_dir, verify_checkpoint)
+from mtrain.train.checkpoint_files import (FORMAT_VERSION, CorruptCheckpointError, finalize, find_latest,
+                                           read_manifest, reach, remove_stale_tmp, step_dir, tmp_dir,
+                                           verify_checkpoint)
 
 __all__ = ["Checkpointer", "CheckpointSave", "find_latest", "verify_checkpoint", "read_manifest",
            "CorruptCheckpointError"]
@@ -405,6 +406,10 @@ class Checkpointer:
         per_rank = per_rank or {}
         path = Path(path)
         manifest = verify_checkpoint(path)
+        if manifest.get("format", 1) != FORMAT_VERSION:
+            raise ValueError(f"{path}: written in checkpoint format {manifest.get('format', 1)}, this mtrain reads "
+                             f"format {FORMAT_VERSION}; resume it with the mtrain release that wrote it, or start "
+                             f"this run from another checkpoint directory")
         pg = self._group()
         optional = tuple(optional)
         rank, saved_world = _rank(pg), manifest["world_size"]

@@ -26,7 +26,8 @@ MARKER = "COMPLETE"
 LATEST = "latest"
 DCP_METADATA = ".metadata"
 TMP_SUFFIX = ".tmp"
-FORMAT_VERSION = 1
+# 2: components are Stateful (model, optimizer with its step; progress, data, lr, rng per rank).
+FORMAT_VERSION = 2
 # Files up to this size get a checksum in the manifest (DCP metadata, extras);
 # bigger data files are checked by size only so verification stays cheap.
 CHECKSUM_LIMIT = 1 << 20

@@ -79,7 +79,7 @@ class ZeroAdamW:
             s["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (s["exp_avg_sq"] / bias2).sqrt_().add_(self.eps)
             master.addcdiv_(s["exp_avg"], denom, value=-lr / bias1)
-            if master is not p.data:
+            if not self._master_is_param(name):  # fp32: the master is the parameter itself
                 p.copy_(master)
         if self.zero:
             self._broadcast_from_owners()

@@ -183,3 +183,13 @@ def test_async_save_finalises_in_the_background(tmp_path):
     loaded = {"w": torch.zeros(5)}
     load_checkpoint(handle.path, loaded)
     assert torch.equal(loaded["w"], torch.arange(5.0))
+
+
+def test_a_checkpoint_of_another_format_is_refused_by_name(tmp_path):
+    path = save(tmp_path, 3)
+    marker = path / MARKER
+    manifest = json.loads(marker.read_text())
+    manifest["format"] = 1
+    marker.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"checkpoint format 1, this mtrain reads format 2"):
+        load_checkpoint(path, {"w": torch.zeros(64), "layers.0.b": torch.zeros(8)})

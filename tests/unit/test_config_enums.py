@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 import mtrain.config
 from mtrain.config import Choice, Config, ConfigError, Dtype, Schedule
-from mtrain.config.loading import choice_fields, load_config, override_errors
+from mtrain.config.loading import load_config, override_errors
+from mtrain.config.validate import choice_fields
 from mtrain.train.preflight import config_errors
 
 
@@ -94,3 +95,15 @@ def test_config_imports_nothing_from_other_mtrain_packages():
             for name in names:
                 inside = name == "mtrain.config" or name.startswith("mtrain.config.")
                 assert inside or not (name == "mtrain" or name.startswith("mtrain.")), f"{path.name}: {name}"
+
+
+def test_a_config_built_in_code_gets_every_bad_choice_reported():
+    # Without OmegaConf's enum conversion nothing else would stop these.
+    cfg = OmegaConf.to_object(load_config())
+    cfg.model.recompute, cfg.train.dtype = "fulll", "bf17"
+    cfg.parallel.dispatcher, cfg.logging.wandb_mode = "x", "nope"
+    errors = config_errors(cfg)
+    for key, value in (("model.recompute", "fulll"), ("train.dtype", "bf17"), ("parallel.dispatcher", "x"),
+                       ("logging.wandb_mode", "nope")):
+        assert sum(f"{key}={value!r} is not a valid choice" in e for e in errors) == 1, (key, errors)
+    assert len(errors) == 4, errors

@@ -14,14 +14,14 @@ from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, copy_groups, placemen
     ("dualpipev", 4, 1, ((1, 0), (6, 0))),
 ])
 def test_chunk_keys(schedule, pp, rank, keys):
-    assert placement(schedule, pp, rank).chunk_keys == keys
+    assert placement(schedule, pp, rank, mtp=False).chunk_keys == keys
 
 
 @pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
 def test_every_stage_is_held_by_the_rank_that_runs_it(schedule):
     pp = 4
     for rank in range(pp):
-        for stage, direction in placement(schedule, pp, rank).chunk_keys:
+        for stage, direction in placement(schedule, pp, rank, mtp=False).chunk_keys:
             assert stage_rank(schedule, pp, stage, direction) == rank
 
 
@@ -51,6 +51,6 @@ def test_replica_groups_and_who_speaks_for_a_gradient():
 
 def test_placement_is_frozen_and_copy_groups_pair_mirrored_ranks():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        placement("1f1b", 2, 0).pp = 3
+        placement("1f1b", 2, 0, mtp=False).pp = 3
     assert copy_groups("dualpipe", 4) == [[0, 3], [1, 2]]
     assert copy_groups("dualpipev", 4) == copy_groups("1f1b", 4) == []

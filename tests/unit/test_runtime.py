@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import pytest
 import torch
 
 from mtrain.config.loading import load_config
 from mtrain.model.moe.layer import MoELayer
 from mtrain.runtime.comm import CommOp, IdentityOp, Pending
 from mtrain.runtime.context import StepContext
-from mtrain.runtime.program import (Carry, Compute, Exchange, Recording, backward_steps, drain, forward_steps,
-                                    run_overlapped, run_plain)
+from mtrain.model.block import LayerCarry
+from mtrain.runtime.program import (Carry, Compute, Exchange, Recording, backward_steps, detached, drain,
+                                    forward_steps, run_overlapped, run_plain)
 from mtrain.runtime.runner import ChunkRunner
 from mtrain.runtime.wgrad import linear
 from mtrain.testing.toy import ToyChunk
@@ -75,8 +77,10 @@ def test_plain_and_stepwise_runs_agree_bit_for_bit_and_free_activations():
 
 def test_carries_detach_only_activations():
     c = TwoLayerCarry(x=torch.ones(2, requires_grad=True) * 2, skip=torch.ones(2))
-    cut = c.replace(**{k: v.detach().requires_grad_(True) for k, v in c.activations().items()})
-    assert set(c.activations()) == {"x"} and cut.x.is_leaf and cut.skip is c.skip
+    cut = detached(c)
+    assert set(c.activations()) == {"x"} and cut.x.is_leaf and cut.x.requires_grad and cut.skip is c.skip
+    with pytest.raises(TypeError, match="nests a tensor"):
+        detached(LayerCarry(rope=(torch.ones(1, requires_grad=True) * 2, None)))
 
 
 def batch(seed):

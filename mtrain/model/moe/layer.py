@@ -56,8 +56,10 @@ class MoELayer(nn.Module):
         self.recompute = cfg.recompute == "full"
 
     def forward(self, x_norm: torch.Tensor, step: Optional[StepContext] = None) -> torch.Tensor:
-        carry = run_plain(self.program(), MoECarry(normed=x_norm), step or StepContext())
-        return self.output(carry)
+        step = step or StepContext()
+        carry = run_plain(self.program(), MoECarry(normed=x_norm), step)
+        with step.bound():
+            return self.output(carry)
 
     def program(self, name: str = "moe") -> list:
         """The routed path as steps over an :class:`MoECarry` (``normed`` set)."""
