@@ -138,7 +138,11 @@ def _row_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+    host = torch.tensor(offsets, dtype=torch.int32)
+    if device.type != "cuda":
+        return host
+    # From pinned memory the copy is queued on the stream: the host does not wait for the GPU.
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _check(x: torch.Tensor, other: torch.Tensor, counts: list[int]) -> None:

@@ -170,6 +170,7 @@ class PipelineExecutor:
         self._contexts: list[StepContext] = []
         self._pending_w: dict[tuple, WeightGradSink] = {}
         self._loss_seed: dict[tuple, torch.Tensor] = {}
+        self._scalars: dict[int, dict[str, torch.Tensor]] = {}  # last stage: micro-batch -> losses, on the device
         ops = self.instructions
         t_start = time.perf_counter()
         records: list[OpRecord] = []
@@ -184,6 +185,7 @@ class PipelineExecutor:
             raise RuntimeError(f"input-only backwards without their W: {sorted(self._pending_w)}")
         t_end = time.perf_counter()
         result = self._result
+        self._read_scalars(result)
         aux = [value for step in self._contexts for value in step.aux_losses]
         if aux:  # summed on the device: read once per step, by the caller
             result.aux_loss_sum, result.aux_loss_count = torch.stack(aux).sum(), len(aux)
@@ -262,13 +264,24 @@ class PipelineExecutor:
         dst = forward_dest_rank(self.schedule, self.pp, op.stage, op.direction)
         if dst is not None:
             return [(("F", op.stage, op.microbatch, op.direction), out, dst)]
-        # Last stage: ``out`` is the loss; keep the logged scalars and the seed.
-        metrics = {name: float(value.detach()) for name, value in runner.final_carry(op.microbatch).scalars().items()}
-        self._result.losses[op.microbatch] = float(out.detach())
-        self._result.metrics[op.microbatch] = metrics
+        # Last stage: ``out`` is the loss; keep the logged scalars (read at the
+        # end of the step, not per micro-batch) and the seed.
+        scalars = {name: value.detach() for name, value in runner.final_carry(op.microbatch).scalars().items()}
+        self._scalars[op.microbatch] = {**scalars, "loss": out.detach()}
         self._loss_seed[(op.stage, op.microbatch, op.direction)] = torch.full_like(
             out.detach(), 1.0 / self.num_microbatches)
         return []
+
+    def _read_scalars(self, result: StepResult) -> None:
+        """Every last-stage loss of the step, read back to the host in one copy."""
+        keys = [(mb, name) for mb, values in sorted(self._scalars.items()) for name in values]
+        if not keys:
+            return
+        values = torch.stack([self._scalars[mb][name].float().reshape(()) for mb, name in keys]).tolist()
+        for (mb, name), value in zip(keys, values):
+            result.metrics.setdefault(mb, {})[name] = value
+            if name == "loss":
+                result.losses[mb] = value
 
     def _after_backward(self, op: Op, grad_in: Optional[torch.Tensor]) -> list:
         dst = backward_dest_rank(self.schedule, self.pp, op.stage, op.direction)

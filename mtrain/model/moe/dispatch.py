@@ -38,22 +38,29 @@ class DispatchPlan:
     inverse_regroup: Optional[torch.Tensor] = None
     tokens_per_expert: list[int] = field(default_factory=list)
     # [expert_tp, local experts] received rows of every expert_tp rank (expert_tp > 1),
-    # exchanged once per plan so recomputation does not repeat it.
-    expert_tp_counts: Optional[torch.Tensor] = None
+    # on the device and as host lists; exchanged once per plan so recomputation does not repeat it.
+    expert_tp_counts: Optional[tuple] = None
 
 
-def expert_major_index(counts: torch.Tensor) -> torch.Tensor:
+def count_per_expert(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of ``flat_idx`` name each expert, on the device.
+    (``bincount`` would read the maximum back to the host first.)"""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_idx.device)
+    return counts.index_add_(0, flat_idx, torch.ones_like(flat_idx))
+
+
+def expert_major_index(counts: torch.Tensor, total: int) -> torch.Tensor:
     """Rows arrive ordered (source rank, local expert); this index lists them
-    expert-major, i.e. (local expert, source rank). ``counts`` is [sources, experts]."""
-    sources, experts = counts.shape
-    starts = torch.cumsum(counts.flatten(), 0) - counts.flatten()
-    starts = starts.view(sources, experts)
-    starts, counts_list = starts.tolist(), counts.tolist()
-    pieces = [
-        torch.arange(starts[s][e], starts[s][e] + counts_list[s][e], device=counts.device)
-        for e in range(experts) for s in range(sources)
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=counts.device)
+    expert-major, i.e. (local expert, source rank). ``counts`` is [sources,
+    experts] on the device, ``total`` its sum, known on the host (so the
+    index is built without reading anything back)."""
+    flat = counts.flatten()
+    starts = (torch.cumsum(flat, 0) - flat).view(counts.shape)
+    lengths, block_starts = counts.t().flatten(), starts.t().flatten()  # blocks in (expert, source) order
+    # Row j of block b is block_starts[b] + (j - where block b begins in the output).
+    out_starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.repeat_interleave(block_starts - out_starts, lengths, output_size=total)
+    return offset + torch.arange(total, device=counts.device)
 
 
 class Dispatcher:
@@ -71,9 +78,11 @@ class Dispatcher:
         self.num_local = num_experts // self.ep
 
     def plan(self, topk_idx: torch.Tensor) -> DispatchPlan:
+        """One host sync: the row counts the exchange and the grouped GEMM need,
+        read back once (after the counts' all-to-all when ep > 1)."""
         flat = topk_idx.flatten()
         order = torch.argsort(flat, stable=True)
-        per_expert = torch.bincount(flat, minlength=self.num_experts)
+        per_expert = count_per_expert(flat, self.num_experts)
         if self.ep == 1:
             plan = DispatchPlan(order, torch.argsort(order), topk_idx.shape[1], IdentityOp(), IdentityOp())
             plan.tokens_per_expert = per_expert.tolist()
@@ -81,14 +90,16 @@ class Dispatcher:
         # Counts first: every rank learns how many rows it gets for each local expert.
         recv_counts = torch.empty_like(per_expert)
         dist.all_to_all_single(recv_counts, per_expert, group=self.group)
-        recv_counts = recv_counts.view(self.ep, self.num_local)
-        send_splits = per_expert.view(self.ep, self.num_local).sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        host = torch.stack([per_expert, recv_counts]).tolist()  # the one sync
+        sent, received = host[0], host[1]
+        local = self.num_local
+        send_splits = [sum(sent[r * local:(r + 1) * local]) for r in range(self.ep)]
+        recv_splits = [sum(received[r * local:(r + 1) * local]) for r in range(self.ep)]
         op = AllToAllOp(send_splits, recv_splits, self.group)
         plan = DispatchPlan(order, torch.argsort(order), topk_idx.shape[1], op, op.transposed())
-        plan.regroup = expert_major_index(recv_counts)
+        plan.regroup = expert_major_index(recv_counts.view(self.ep, local), sum(recv_splits))
         plan.inverse_regroup = torch.argsort(plan.regroup)
-        plan.tokens_per_expert = recv_counts.sum(0).tolist()
+        plan.tokens_per_expert = [sum(received[r * local + e] for r in range(self.ep)) for e in range(local)]
         return plan
 
     # Local steps (autograd) around the two exchanges.

@@ -83,23 +83,27 @@ def scatter_rows(x: torch.Tensor, rows_per_rank: list[int], group) -> torch.Tens
     return _ReduceScatterRows.apply(x, rows_per_rank, group)
 
 
-def group_counts(tokens_per_expert: list[int], group, device) -> torch.Tensor:
-    """[expert_tp, local experts]: every rank's received rows per local expert."""
+def group_counts(tokens_per_expert: list[int], group, device) -> tuple[torch.Tensor, list[list[int]]]:
+    """[expert_tp, local experts]: every rank's received rows per local expert,
+    on the device and (one host read) as lists."""
     mine = torch.tensor(tokens_per_expert, dtype=torch.long, device=device)
     counts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(counts, mine, group=group)
-    return torch.stack(counts)
+    counts = torch.stack(counts)
+    return counts, counts.tolist()
 
 
-def run_split_experts(experts, grouped: torch.Tensor, counts: torch.Tensor, group) -> torch.Tensor:
+def run_split_experts(experts, grouped: torch.Tensor, counts: tuple[torch.Tensor, list[list[int]]],
+                      group) -> torch.Tensor:
     """``experts`` (this rank's ffn shard) on the rows of the whole expert_tp group.
 
     ``grouped``: this rank's rows, expert-major; ``counts``: :func:`group_counts`.
     Returns this rank's rows of the full expert output, in the same order.
     """
-    rows_per_rank = counts.sum(1).tolist()
+    device_counts, host = counts
+    rows_per_rank = [sum(row) for row in host]
     gathered = gather_rows(grouped, rows_per_rank, group)  # (rank, expert)
-    order = expert_major_index(counts)  # -> (expert, rank): one block per expert
-    partial = experts(gathered.index_select(0, order), counts.sum(0).tolist())
+    order = expert_major_index(device_counts, sum(rows_per_rank))  # -> (expert, rank): one block per expert
+    partial = experts(gathered.index_select(0, order), [sum(col) for col in zip(*host)])
     partial = partial.index_select(0, torch.argsort(order))
     return scatter_rows(partial, rows_per_rank, group)

@@ -83,7 +83,7 @@ class Router(nn.Module):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
         with torch.no_grad():
-            self.load += torch.bincount(idx.flatten(), minlength=self.num_experts).to(self.load.dtype)
+            self.load.index_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=self.load.dtype, device=idx.device))
         return Routing(idx, weights.to(x.dtype), scores)
 
     def sequence_aux_loss(self, routing: Routing, batch_size: int) -> torch.Tensor:
