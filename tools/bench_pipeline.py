@@ -48,6 +48,7 @@ from mtrain.pipeline.instructions import Overlap, dependencies, done_key
 from mtrain.pipeline.render import render_timeline
 from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, num_model_stages, schedule_errors
 from mtrain.pipeline.simulate import simulate
+from mtrain.testing.memory import peak_memory, reset_peak_memory
 from mtrain.testing.toy import SleepChunk, sleep_ms
 from mtrain.pipeline.trace import idle_per_rank, makespan, to_timelines, write_chrome_trace
 from mtrain.testing import run_distributed
@@ -56,38 +57,6 @@ from mtrain.testing import run_distributed
 # ---------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------
-
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_memory() -> Optional[float]:
-    """Start a new peak measurement; returns the current level in MiB."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    try:  # Linux: writing 5 resets the RSS high-water mark (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    rss = _status_kib("VmRSS")
-    return None if rss is None else rss / 1024
-
-
-def peak_memory() -> Optional[float]:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    hwm = _status_kib("VmHWM")
-    return None if hwm is None else hwm / 1024
-
 
 # ---------------------------------------------------------------------------
 # Rank workers

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch.autograd.graph import _engine_run_backward
 
 from mtrain.runtime.comm import CommOp, Pending, communicate
 from mtrain.runtime.context import StepContext
@@ -61,11 +62,26 @@ class Compute:
 
 @dataclass
 class Exchange:
-    """Send the carry's ``field`` through the op ``op(carry)`` returns."""
+    """Send the carry's ``field`` through the op ``op(carry)`` returns.
+
+    In a step-by-step run the recording keeps every step's input and output
+    carry, where plain autograd frees what no backward reads. Two flags let a
+    layer that knows its data flow free such tensors as autograd would:
+
+    ``release_sent``: once the exchange completed, drop the sent tensor's
+    data (the tensor object stays, for its graph). Only for a field made by
+    an op that does not save its output (``index_select``, a matmul); never
+    after ``tanh`` or ``sigmoid``.
+    ``release_received``: once the next compute step has run, free the
+    received tensor's memory. Only when that step reads it through ops that
+    do not save it (``index_select``) and keeps no other tensor sharing it.
+    """
 
     field: str
     op: Callable[[Carry], CommOp]
     name: str = "exchange"
+    release_sent: bool = False
+    release_received: bool = False
 
 
 @dataclass
@@ -123,6 +139,7 @@ def forward_steps(steps: list, carry: Carry, rec: Recording, side: str = "F") ->
     """Generator running the forward step by step; yields at each started
     exchange. Returns the final carry (StopIteration.value)."""
     step = rec.step
+    release_after_step: Optional[str] = None
     for s in steps:
         if isinstance(s, Compute):
             inputs = detached(carry)
@@ -131,6 +148,10 @@ def forward_steps(steps: list, carry: Carry, rec: Recording, side: str = "F") ->
                 carry = s.fn(inputs, step)
             step.log(side, "compute_end", s.name)
             rec.records.append(StepRecord(s, inputs, carry))
+            if release_after_step is not None:
+                # The backward needs only this tensor's shape and graph edge, not its data.
+                getattr(inputs, release_after_step).untyped_storage().resize_(0)
+                release_after_step = None
         else:
             op, sent = s.op(carry), getattr(carry, s.field)
             step.log(side, "comm_start", s.name)
@@ -139,6 +160,10 @@ def forward_steps(steps: list, carry: Carry, rec: Recording, side: str = "F") ->
             received = pending.wait()
             if sent.requires_grad:  # still an activation: the next step's gradient comes back through it
                 received = received.detach().requires_grad_(True)
+                if s.release_sent:  # only its graph is needed now: keep the tensor object, drop the data
+                    sent.data = sent.new_empty(0)
+                if s.release_received:
+                    release_after_step = s.field
             carry = carry.replace(**{s.field: received})
             step.log(side, "comm_wait", s.name)
             rec.records.append(StepRecord(s, op=op))
@@ -162,6 +187,7 @@ def backward_steps(rec: Recording, grads: dict, side: str = "B") -> Iterator[Pen
         s = record.step
         if isinstance(s, Compute):
             outs, gouts = [], []
+            inputs = record.inputs.activations()
             for name, v in record.outputs.activations().items():
                 g = grads.pop(name, None)
                 if g is not None:
@@ -171,10 +197,12 @@ def backward_steps(rec: Recording, grads: dict, side: str = "B") -> Iterator[Pen
             if outs:
                 # Bound for recomputations run in this thread (CPU); on CUDA the
                 # autograd device thread runs them, and maybe_recompute re-binds.
+                # Deferred weight gradients keep their output gradient for the W: free nothing then.
+                free = step.weight_grads is None
                 with step.bound():
-                    torch.autograd.backward(outs, gouts)
+                    _backward(outs, gouts, keep={_storage(g) for g in grads.values()}, free=free)
             step.log(side, "compute_end", s.name)
-            for name, v in record.inputs.activations().items():
+            for name, v in inputs.items():
                 _accumulate(grads, name, v.grad)
             record.inputs = record.outputs = None  # free the activations
         else:
@@ -187,6 +215,42 @@ def backward_steps(rec: Recording, grads: dict, side: str = "B") -> Iterator[Pen
             grads[s.field] = pending.wait()
             step.log(side, "comm_wait", s.name)
     return grads
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _free_once_consumed(out: torch.Tensor, grad: torch.Tensor, keep: set):
+    """Free ``grad`` as soon as the node producing ``out`` has used it, as the
+    engine frees the gradients it creates (the caller's reference would keep
+    it alive for the whole backward call). Not when anything else may read it:
+    a gradient kept for another field, or one the node passes on unchanged."""
+    if out.grad_fn is None or _storage(grad) in keep:
+        return None
+
+    def release(grad_inputs, grad_outputs):
+        mine = _storage(grad)
+        if not any(isinstance(t, torch.Tensor) and _storage(t) == mine for t in grad_inputs):
+            grad.untyped_storage().resize_(0)
+
+    return out.grad_fn.register_hook(release)
+
+
+def _backward(outs: list, grads: list, keep: set = frozenset(), free: bool = False) -> None:
+    handles = [_free_once_consumed(o, g, keep) for o, g in zip(outs, grads)] if free else []
+    try:
+        if all(o.shape == g.shape for o, g in zip(outs, grads)):
+            torch.autograd.backward(outs, grads)
+        else:
+            # An output released after its exchange has lost its shape, not its
+            # graph: run the engine directly, past torch.autograd.backward's shape check.
+            _engine_run_backward(tuple(outs), tuple(grads), False, False, (), allow_unreachable=True,
+                                 accumulate_grad=True)
+    finally:
+        for h in handles:
+            if h is not None:
+                h.remove()
 
 
 def drain(gen: Iterator[Pending]):

@@ -65,9 +65,13 @@ class MoELayer(nn.Module):
         """The routed path as steps over an :class:`MoECarry` (``normed`` set)."""
         return [
             Compute(self._route_step, f"{name}.route"),
-            Exchange("rows", lambda c: c.plan.dispatch_op, f"{name}.dispatch"),
+            # Both sent row tensors come out of index_select (or the down projection), which
+            # keep nothing of their output for the backward: release them after the exchange.
+            # The combined rows are read once, by ``output``'s index_select: free them after it.
+            Exchange("rows", lambda c: c.plan.dispatch_op, f"{name}.dispatch", release_sent=True),
             Compute(self._experts_step, f"{name}.experts"),
-            Exchange("rows", lambda c: c.plan.combine_op, f"{name}.combine"),
+            Exchange("rows", lambda c: c.plan.combine_op, f"{name}.combine", release_sent=True,
+                     release_received=True),
         ]
 
     def output(self, carry: MoECarry) -> torch.Tensor:
