@@ -18,7 +18,12 @@ from mtrain.runtime.context import StepContext, current_step
 
 
 def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if param.grad is None:
+    """``param``'s gradient += ``grad``: into its fp32 ``main_grad`` when it has
+    one (16-bit parameters in training, see mtrain.train.grads), else ``.grad``."""
+    main = getattr(param, "main_grad", None)
+    if main is not None:
+        main.add_(grad)
+    elif param.grad is None:
         param.grad = grad.to(param.dtype)
     else:
         param.grad += grad

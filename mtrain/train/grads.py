@@ -8,6 +8,12 @@ replicated, over ``expert_tp``); DualPipe holds every stage twice
 model has MTP, the last stage keeps a copy of the embedding (``embedding``).
 Every copy must end the step with the same gradient, and the norm must count
 each logical parameter exactly once.
+
+Main gradients (Megatron's ``main_grad``): a 16-bit parameter gets an fp32
+buffer; each backward's gradient is added to it as soon as autograd (or a
+deferred W) produces it, so accumulation over micro-batches, the reduction
+over replicas, the norm and the optimizer all work in fp32. fp32 parameters
+keep using ``.grad``.
 """
 from __future__ import annotations
 
@@ -18,6 +24,38 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mtrain.model.params import meta
+
+
+def attach_main_grads(params: dict) -> list:
+    """Give every non-fp32 parameter an fp32 ``main_grad`` that collects its
+    gradients; returns the hook handles."""
+    handles = []
+    for p in params.values():
+        if p.dtype == torch.float32:
+            continue
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+        handles.append(p.register_post_accumulate_grad_hook(_move_to_main_grad))
+    return handles
+
+
+def _move_to_main_grad(p: torch.Tensor) -> None:
+    if p.grad is not None:  # None when the backward deferred this weight's gradient
+        p.main_grad.add_(p.grad)
+        p.grad = None
+
+
+def main_grad(p: torch.Tensor) -> torch.Tensor:
+    """The gradient the step works with: the fp32 main gradient, or ``.grad``."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def zero_grads(params: dict) -> None:
+    for p in params.values():
+        p.grad = None
+        main = getattr(p, "main_grad", None)
+        if main is not None:
+            main.zero_()
 
 
 def _all_reduce_bucket(tensors: list[torch.Tensor], group) -> None:
@@ -32,7 +70,7 @@ def reduce_gradients(params: dict, groups, placement) -> None:
     kind), then average over data parallelism: each rank's loss is a mean over
     its own tokens, the global loss is the mean over the dp replicas."""
     for p in params.values():
-        if p.grad is None:
+        if main_grad(p) is None:
             p.grad = torch.zeros_like(p)
     if groups is None:
         return
@@ -41,13 +79,13 @@ def reduce_gradients(params: dict, groups, placement) -> None:
         p = params[name]
         for kind in placement.replica_groups(name, meta(p).expert):
             if groups.size(kind) > 1:
-                buckets[(kind, p.grad.dtype)].append(p.grad)
+                buckets[(kind, main_grad(p).dtype)].append(main_grad(p))
     for (kind, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         _all_reduce_bucket(grads, groups.group(kind))
     dp = groups.size("dp")
     if dp > 1:
         for p in params.values():
-            p.grad.div_(dp)
+            main_grad(p).div_(dp)
 
 
 def global_grad_norm(params: dict, counted: set, representative: set, groups) -> torch.Tensor:
@@ -67,7 +105,7 @@ def global_grad_norm(params: dict, counted: set, representative: set, groups) ->
         split_kind = "expert_tp" if m.expert else "tp"
         if m.shard_group != split_kind and groups is not None and groups.index(split_kind) != 0:
             continue
-        total += p.grad.double().pow(2).sum()
+        total += main_grad(p).double().pow(2).sum()
     if groups is not None:
         dist.all_reduce(total)
     return total.sqrt()

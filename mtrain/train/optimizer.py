@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain.model.params import meta
+from mtrain.train.grads import main_grad, zero_grads
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -71,7 +72,7 @@ class ZeroAdamW:
         bias2 = 1 - beta2 ** self.step_count
         for name in sorted(self.owned):
             p, s = self.params[name], self.state[name]
-            grad = p.grad.float()
+            grad = main_grad(p).float()
             master = s["master"]
             if self.decays(name):
                 master.mul_(1 - lr * self.weight_decay)
@@ -94,8 +95,7 @@ class ZeroAdamW:
             dist.broadcast(p.data, src=src, group=self.groups.group(kind))
 
     def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
+        zero_grads(self.params)
 
     # Checkpointing (Stateful): per-parameter tensors tagged like their
     # parameter, so they reshard like the weights, and the step count.
