@@ -3,6 +3,7 @@ mirrored ranks as ``stage_copy``), stage placement, parameter counts, FLOPs and
 memory, without starting processes."""
 from __future__ import annotations
 
+from mtrain.config.schema import resolve_dtype
 from mtrain.config.validate import planned_world_size
 from mtrain.model.partition import stage_layers, stage_roles
 from mtrain.model.stats import flops_per_token, memory_estimate, param_counts
@@ -45,7 +46,9 @@ def make_plan(cfg, world_size: int | None = None) -> dict:
 
 def model_facts(cfg, world_size: int) -> dict:
     """Parameter counts, FLOPs, the layers and pieces of every model stage with
-    the pipeline ranks holding it, and the memory estimate of every pipeline rank."""
+    the pipeline ranks holding it, and the memory estimate of every pipeline rank
+    (``dtype``: what ``train.dtype`` is taken as, ``auto`` as on GPUs unless
+    ``parallel.backend=gloo``)."""
     m, p = cfg.model, cfg.parallel
     counts = param_counts(m)
     num_stages = num_model_stages(p.schedule, p.pp)
@@ -70,6 +73,7 @@ def model_facts(cfg, world_size: int) -> dict:
         "params_breakdown": counts["breakdown"],
         "flops_per_token": flops_per_token(m, cfg.data.seq_len),
         "seq_len": cfg.data.seq_len,
+        "dtype": resolve_dtype(cfg.train.dtype, p.backend),
         "stages": stages,
         "memory": memory,
     }
@@ -149,7 +153,7 @@ def _format_model(plan: dict) -> list[str]:
             + (f" + {' + '.join(extras)}" if extras else "")
             + f" on pp ranks {s['pp_ranks']}"
         )
-    lines.append("memory per rank (estimate):")
+    lines.append(f"memory per rank (estimate, {plan['dtype']} training):")
     for r in plan["memory"]:
         lines.append(
             f"  pp rank {r['pp_rank']}: {_count(r['params'])} params; weights {_bytes(r['weights'])} + "

@@ -23,6 +23,7 @@ from mtrain.config.schema import (
     TrainConfig,
     WandbMode,
     register_configs,
+    resolve_dtype,
 )
 from mtrain.config.validate import ConfigError, field_errors, planned_world_size
 
@@ -50,4 +51,5 @@ __all__ = [
     "field_errors",
     "planned_world_size",
     "register_configs",
+    "resolve_dtype",
 ]

@@ -77,8 +77,18 @@ class GroupedGemm(Choice):
 
 
 class Dtype(Choice):
+    auto = "auto"  # see resolve_dtype
     fp32 = "fp32"
     bf16 = "bf16"
+
+
+def resolve_dtype(dtype: str, backend: str) -> str:
+    """The dtype trained in: ``auto`` is fp32 on gloo (CPU ranks, where bf16
+    matmuls are slow) and bf16 otherwise: on nccl, and for ``auto`` when a run
+    is planned without processes (a planned cluster is taken to be GPUs)."""
+    if str(dtype) != "auto":
+        return str(dtype)
+    return "fp32" if str(backend) == "gloo" else "bf16"
 
 
 class LrSchedule(Choice):
@@ -172,7 +182,8 @@ class ClusterConfig:
     # from the launcher instead.
     nodes: int = 1
     gpus_per_node: int = 4
-    # Peak dense bf16 TFLOP/s of one device, for MFU (null: unknown).
+    # Peak dense TFLOP/s of one device in the dtype trained in, for MFU
+    # (null: looked up by the CUDA device's name, see mtrain/train/metrics.py).
     peak_tflops: Optional[float] = None
 
 
@@ -181,7 +192,8 @@ class TrainConfig:
     steps: int = 20
     micro_batch_size: int = 2
     seed: int = 1234
-    dtype: Dtype = Dtype.fp32  # bf16: bf16 compute with fp32 master weights
+    # bf16: bf16 compute with fp32 master weights; auto: bf16 on nccl, fp32 on gloo.
+    dtype: Dtype = Dtype.auto
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_schedule: LrSchedule = LrSchedule.cosine

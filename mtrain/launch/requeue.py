@@ -23,6 +23,8 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from mtrain.parallel.groups import collective_device
+
 log = logging.getLogger("mtrain")
 
 REQUEUE_SIGNAL = signal.SIGUSR1
@@ -50,7 +52,8 @@ def agreed_stop_signal(stop_signal: Optional[int]) -> Optional[int]:
     any rank was told to stop for good, nobody requeues."""
     if not (dist.is_available() and dist.is_initialized()):
         return stop_signal
-    value = torch.tensor([stop_signal or 0])
+    # On the device NCCL takes (a CPU tensor fails there); gloo keeps it on the CPU.
+    value = torch.tensor([stop_signal or 0], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return int(value.item()) or None
 
@@ -75,7 +78,7 @@ def requeue_if_warned(stop_signal: Optional[int], environ: Mapping[str, str] | N
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     requeued = _requeue_from_rank0(slurm_job_id(env)) if rank == 0 else False
     if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([1 if requeued else 0])
+        flag = torch.tensor([1 if requeued else 0], device=collective_device())
         dist.broadcast(flag, src=0)
         requeued = bool(flag.item())
     if requeued:

@@ -15,6 +15,7 @@ table (a lookup) is out. Counting the embedding too would give V2-Lite 2.66B.
 """
 from __future__ import annotations
 
+from mtrain.config.schema import resolve_dtype
 from mtrain.config.validate import planned_world_size
 
 def swiglu_params(hidden: int, width: int) -> int:
@@ -239,25 +240,29 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     token) · micro_batch_size · seq_len · bytes(dtype), plus, once, fp32 logits
     and their gradient on a rank with the head (vocab split over tp) and one
     block's working set under full recompute.
+
+    ``train.dtype=auto`` is taken as the dtype it resolves to on the planned
+    cluster: bf16 (GPUs), unless ``parallel.backend=gloo`` (fp32).
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = resolve_dtype(t.dtype, p.backend)
     world = planned_world_size(cfg) if world_size is None else world_size
     dp = world // (p.tp * p.pp)
     expert_dp = world // (p.pp * p.ep * p.expert_tp)
-    per_param = BYTES_PER_PARAM[t.dtype]
+    per_param = BYTES_PER_PARAM[dtype]
     dense, expert = rank_params(m, rank_stages, p.tp, p.ep, p.expert_tp)
     shards = (dp, expert_dp) if t.zero1 else (1, 1)
     optimizer = per_param["optimizer"] * (dense / shards[0] + expert / shards[1])
 
     tokens = t.micro_batch_size * cfg.data.seq_len
     chunk = max(_chunk_activation_elements(m, s, p.tp, p.expert_tp) for s in rank_stages)
-    activations = peak_inflight_microbatches * chunk * tokens * ACTIVATION_BYTES[t.dtype]
+    activations = peak_inflight_microbatches * chunk * tokens * ACTIVATION_BYTES[dtype]
     if any(s["head"] for s in rank_stages):
         activations += 2 * tokens * (m.vocab_size / p.tp) * LOGITS_BYTES
     if m.recompute == "full":
         kinds = [dense for dense, present in ((True, m.first_k_dense > 0), (False, has_moe(m))) if present]
         largest = max(layer_activation_elements(m, dense, p.tp, p.expert_tp) for dense in kinds)
-        activations += largest * tokens * ACTIVATION_BYTES[t.dtype]
+        activations += largest * tokens * ACTIVATION_BYTES[dtype]
     result = {
         "params": dense + expert,
         "weights": per_param["weights"] * (dense + expert),

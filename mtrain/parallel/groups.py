@@ -16,6 +16,15 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor taking part in a collective over ``group`` (default: the
+    world) must live: NCCL takes only CUDA tensors (this rank's current
+    device), gloo takes CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 300.0, env: DistEnv | None = None) -> DistEnv:
     """Initialise the default process group from torchrun or Slurm variables."""
     env = env or detect_env()

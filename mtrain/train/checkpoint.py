@@ -47,7 +47,7 @@ from mtrain.train.checkpoint_files import (FORMAT_VERSION, CorruptCheckpointErro
                                            verify_checkpoint)
 
 __all__ = ["Checkpointer", "CheckpointSave", "find_latest", "verify_checkpoint", "read_manifest",
-           "CorruptCheckpointError"]
+           "CorruptCheckpointError", "stored_dtypes"]
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,14 @@ def _plan_load(path: Path, tensors, groups, metas, optional) -> dict[str, Any]:
             raise ValueError(f"{name}: the checkpoint holds shape {tuple(entry.size)} but this model "
                              f"expects {tuple(value.shape)} (a different model config?)")
     return state
+
+
+def stored_dtypes(path: Path | str) -> dict[str, torch.dtype]:
+    """Tensor name -> the dtype it is stored in, from the checkpoint's DCP
+    metadata alone (no tensor is read)."""
+    stored = dcp.FileSystemReader(Path(path)).read_metadata().state_dict_metadata
+    return {name: entry.properties.dtype for name, entry in stored.items()
+            if isinstance(entry, TensorStorageMetadata)}
 
 
 def _read_extra(path: Path, rank: int, wanted: Iterable[str], optional) -> dict:

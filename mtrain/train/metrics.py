@@ -8,58 +8,98 @@ import functools
 import math
 import resource
 import sys
+import time
 from collections.abc import Mapping
 from typing import Optional
 
 import torch
 
-# Peak dense bf16 TFLOP/s of one device, matched case-insensitively against
-# ``torch.cuda.get_device_name()``; the first pattern found in the name wins,
-# so the specific variants come before the family name.
-DEVICE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),  # SXM and GH200
-    ("A100", 312.0),
+# Peak dense (no sparsity) tensor-core TFLOP/s of one device per dtype trained
+# in, matched case-insensitively against ``torch.cuda.get_device_name()``; the
+# first pattern found in the name wins, so the specific variants come before
+# the family name. fp32 runs use the TF32 peak: the trainer turns TF32 on for
+# fp32 matmuls on CUDA. The figures are half of the with-sparsity figures of
+# NVIDIA's datasheets: H100 and H800 (SXM: BF16 1979, TF32 989; PCIe: 1513,
+# 756; H100 NVL: 1671, 835), H200 (SXM: 1979, 989; NVL: 1671, 835), A100
+# (BF16 624, TF32 312; the dense 312 and 156 are printed beside them).
+DEVICE_PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 417.5}),
+    ("H100", {"bf16": 989.0, "fp32": 494.5}),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", {"bf16": 835.0, "fp32": 417.5}),
+    ("H200", {"bf16": 989.0, "fp32": 494.5}),  # SXM and GH200
+    ("H800 PCIe", {"bf16": 756.0, "fp32": 378.0}),
+    ("H800", {"bf16": 989.0, "fp32": 494.5}),  # SXM
+    ("A100", {"bf16": 312.0, "fp32": 156.0}),  # SXM and PCIe
 )
 
 
-def device_peak_tflops(device_name: Optional[str]) -> Optional[float]:
-    """Peak dense bf16 TFLOP/s of a device by its CUDA name; None when unknown
-    (CPUs, GPUs not in :data:`DEVICE_PEAK_TFLOPS`)."""
+def device_peak_tflops(device_name: Optional[str], dtype: str = "bf16") -> Optional[float]:
+    """Peak dense TFLOP/s of a device by its CUDA name for training in ``dtype``
+    (bf16, or fp32 as TF32); None when unknown (CPUs, GPUs not in
+    :data:`DEVICE_PEAK_TFLOPS`)."""
     if not device_name:
         return None
     name = device_name.lower()
-    for pattern, peak in DEVICE_PEAK_TFLOPS:
+    for pattern, peaks in DEVICE_PEAK_TFLOPS:
         if pattern.lower() in name:
-            return peak
+            return peaks[str(dtype)]
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def local_device_peak_tflops() -> Optional[float]:
-    """Peak of this process's CUDA device (None on CPU)."""
-    return device_peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+@functools.lru_cache(maxsize=None)
+def local_device_peak_tflops(dtype: str = "bf16") -> Optional[float]:
+    """Peak of this process's CUDA device for ``dtype`` (None on CPU)."""
+    return device_peak_tflops(torch.cuda.get_device_name(), dtype) if torch.cuda.is_available() else None
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float, world_size: int,
-               peak_tflops: Optional[float]) -> dict[str, Optional[float]]:
+               peak_tflops: Optional[float], dtype: str = "bf16") -> dict[str, Optional[float]]:
     """Speed of one step that processed ``tokens`` tokens (the global batch) in
-    ``seconds`` on ``world_size`` devices.
+    ``seconds`` on ``world_size`` devices, training in ``dtype``.
 
     tokens_per_s = tokens / seconds;
     tflops_per_device = flops_per_token · tokens_per_s / world_size / 1e12
     (model FLOPs: recomputation and pipeline duplicates are not counted);
     mfu = tflops_per_device / peak_tflops. ``peak_tflops`` None falls back to
-    the local device's table entry; mfu is None when that is unknown too.
+    the local device's table entry for ``dtype``; mfu is None when that is
+    unknown too.
     """
     tokens_per_s = tokens / seconds
     tflops = flops_per_token * tokens_per_s / world_size / 1e12
-    peak = peak_tflops if peak_tflops is not None else local_device_peak_tflops()
+    peak = peak_tflops if peak_tflops is not None else local_device_peak_tflops(str(dtype))
     return {"tokens_per_s": tokens_per_s, "tflops_per_device": tflops,
             "mfu": tflops / peak if peak else None}
+
+
+class StepTimer:
+    """Duration of a training step. On CUDA, events recorded on the current
+    stream at the start and the end, so the time is the device's (kernels
+    launched by the end of the step have finished) and reading it costs no
+    extra host round trip after the step's last sync; on CPU, perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        """Mark the end of the step; read it with :meth:`seconds` later."""
+        if self.cuda:
+            self._end.record()
+        else:
+            self._elapsed = time.perf_counter() - self._t0
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self._end.synchronize()  # returns at once when a later sync already waited for it
+            return self._start.elapsed_time(self._end) / 1e3
+        return self._elapsed
 
 
 def expert_load_imbalance(loads: torch.Tensor) -> list[float]:

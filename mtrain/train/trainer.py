@@ -13,13 +13,15 @@ import logging
 import math
 import os
 import signal
-import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from mtrain.config.schema import resolve_dtype
+from mtrain.config.validate import ConfigError
 from mtrain.train.preflight import check_config
 from mtrain.data.build import build_gpt_dataset
 from mtrain.data.gpt_dataset import StepLoader
@@ -27,7 +29,7 @@ from mtrain.model.moe.layer import MoELayer
 from mtrain.pipeline.stages import build_chunks, unique_parameters
 from mtrain.model.stats import flops_per_token
 from mtrain.parallel.env import detect_env
-from mtrain.parallel.groups import create_groups, init_distributed
+from mtrain.parallel.groups import collective_device, create_groups, init_distributed
 from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.channels import create_p2p_channels
 from mtrain.pipeline.executor import PipelineExecutor
@@ -35,9 +37,9 @@ from mtrain.pipeline.render import render_timeline
 from mtrain.pipeline.schedule_rules import copy_groups, placement
 from mtrain.pipeline.trace import bubble_percent, gather_traces, to_timelines, write_chrome_trace
 from mtrain.train import checkpoint as ckpt
-from mtrain.train.grads import global_grad_norm, reduce_gradients
+from mtrain.train.grads import attach_main_grads, global_grad_norm, main_grad, reduce_gradients
 from mtrain.train.lr import LRSchedule
-from mtrain.train.metrics import peak_memory_bytes, throughput
+from mtrain.train.metrics import StepTimer, peak_memory_bytes, throughput
 from mtrain.train.optimizer import ZeroAdamW
 from mtrain.train.state import ModelState, Progress, RNGState
 
@@ -85,15 +87,22 @@ class Trainer:
             setup_logging(self.run_dir, self.rank)
         torch.manual_seed(cfg.train.seed + self.rank)
 
-        on_gpu = dist.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.device = collective_device()
+        if self.device.type == "cuda":
+            # fp32 matmuls on tensor cores (TF32): fp32 runs' MFU peak is the TF32 one.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.chunks = build_chunks(cfg, self.groups, self.pp_rank)
+        self.dtype = self._training_dtype()
         for chunk in self.chunks.values():
             chunk.to(self.device)
-            if cfg.train.dtype == "bf16":  # buffers (router bias, loads) stay fp32
+            if self.dtype == "bf16":  # buffers (router bias, loads) stay fp32
                 for param in chunk.parameters():
                     param.data = param.data.to(torch.bfloat16)
         self.params = unique_parameters(self.chunks)
+        # 16-bit parameters accumulate, reduce and update from fp32 main gradients.
+        self._main_grad_hooks = attach_main_grads(self.params)
         # Names this rank speaks for in the gradient norm (second copies of a
         # stage and the last stage's MTP copy of the embedding count elsewhere).
         self.counted = {name for key, chunk in self.chunks.items() for name, _ in chunk.named_parameters()
@@ -110,7 +119,7 @@ class Trainer:
                                  self.groups.index("dp"), self.groups.size("dp"))
         self.tokens_per_step = cfg.train.micro_batch_size * p.num_microbatches * self.groups.size("dp") * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.timer = StepTimer(self.device)
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.groups, keep_last=cfg.checkpoint.keep_last,
                                               async_save=cfg.checkpoint.async_save)
         self.step = 0
@@ -138,6 +147,42 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _training_dtype(self) -> str:
+        """``train.dtype`` of this run, logged once. ``auto`` is bf16 on nccl and
+        fp32 on gloo, but a resumed run keeps the dtype its checkpoint was
+        trained in: a run moved to other hardware does not change precision
+        halfway (nor lose the fp32 masters only bf16 checkpoints hold)."""
+        asked = str(self.cfg.train.dtype)
+        dtype = resolve_dtype(asked, dist.get_backend())
+        path = self._resume_path()
+        saved = self._checkpoint_dtype(path)
+        if saved is not None and saved != dtype:
+            if asked == "auto":
+                dtype = saved
+            elif saved == "fp32":
+                raise ConfigError([f"train.dtype=bf16 cannot resume {path}: it was trained in fp32 and holds no "
+                                   f"fp32 master weights; resume it with train.dtype=fp32 (or auto)"])
+            elif self.rank == 0:
+                log.warning("%s was trained in bf16; train.dtype=fp32 continues from its bf16 weights "
+                            "(the fp32 masters are not used)", path)
+        if self.rank == 0:
+            log.info("training in %s (train.dtype=%s, backend %s, checkpoint to resume: %s)",
+                     dtype, asked, dist.get_backend(), f"{path}, trained in {saved}" if saved else "none")
+        return dtype
+
+    def _checkpoint_dtype(self, path: Optional[Path]) -> Optional[str]:
+        """The dtype the checkpoint at ``path`` was trained in: the stored dtype of
+        this rank's weights. None without one, or when it cannot be read (the
+        load then reports why)."""
+        if path is None:
+            return None
+        try:
+            stored = ckpt.stored_dtypes(path)
+        except Exception:  # a missing or damaged checkpoint: Checkpointer.load names the problem
+            return None
+        found = {stored[name] for name in unique_parameters(self.chunks) if name in stored}
+        return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(found.pop()) if len(found) == 1 else None
+
     def moe_layers(self, counted_only: bool = False) -> list[tuple[str, object]]:
         out = []
         for key, chunk in sorted(self.chunks.items()):
@@ -159,11 +204,14 @@ class Trainer:
         with self.phase(f"saving checkpoint of step {self.step}"):
             self.checkpointer.save(self.step, *self.checkpoint_components(Progress(self.step)))
 
-    def maybe_resume(self) -> None:
+    def _resume_path(self) -> Optional[Path]:
         choice = self.cfg.checkpoint.resume
         if choice == "none":
-            return
-        path = ckpt.find_latest(self.ckpt_dir) if choice == "latest" else Path(choice)
+            return None
+        return ckpt.find_latest(self.ckpt_dir) if choice == "latest" else Path(choice)
+
+    def maybe_resume(self) -> None:
+        path = self._resume_path()
         if path is None:
             return
         progress = Progress()
@@ -177,7 +225,7 @@ class Trainer:
     # -- one step -----------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
-        t0 = time.perf_counter()
+        self.timer.start()
         batches = [{"input_ids": x.to(self.device, non_blocking=True), "labels": y.to(self.device, non_blocking=True)}
                    for x, y in self.loader.next_step()]
         self.optimizer.zero_grad()
@@ -197,7 +245,7 @@ class Trainer:
             if cfg.train.grad_clip > 0 and norm > cfg.train.grad_clip:
                 scale = cfg.train.grad_clip / (float(norm) + 1e-6)
                 for p in self.params.values():
-                    p.grad.mul_(scale)
+                    main_grad(p).mul_(scale)
             with self.phase("optimizer step"):
                 self.optimizer.step(lr)
             loads = self._update_router_bias()
@@ -214,13 +262,16 @@ class Trainer:
                     f"{self.bad_steps} consecutive steps had a non-finite loss or gradient norm "
                     f"(train.max_bad_steps={cfg.train.max_bad_steps}); lower train.lr or check the data")
         self.step += 1
-        elapsed = time.perf_counter() - t0
-        speed = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.world, cfg.cluster.peak_tflops)
+        self.timer.stop()
         bubble = torch.tensor([result.idle / max(result.wall, 1e-9)], device=self.device)
         dist.all_reduce(bubble)
+        bubble_pct = 100.0 * bubble.item() / self.world  # the step's last sync
+        elapsed = self.timer.seconds()
+        speed = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.world,
+                           cfg.cluster.peak_tflops, self.dtype)
         return {
             "step": self.step, **losses, "grad_norm": float(norm), "lr": lr,
-            **speed, "bubble_pct": 100.0 * bubble.item() / self.world,
+            **speed, "bubble_pct": bubble_pct,
             "peak_memory_gb": peak_memory_bytes() / 2**30, "step_time_s": elapsed, "skipped": not finite,
             "_loads": loads,
         }

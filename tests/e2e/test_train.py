@@ -1,6 +1,6 @@
 """The trainer end to end on forked gloo ranks (and once through the CLI).
 
-fp32 throughout. Exact resume is compared bit for bit; different layouts
+fp32 throughout (train.dtype=auto on gloo) unless a test says bf16. Exact resume is compared bit for bit; different layouts
 agree to fp32 round-off (rtol 1e-5: summation order differs).
 """
 import json
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtrain.config.loading import load_config
-from mtrain.testing import run_distributed
+from mtrain.testing import RankFailure, run_distributed
 
 BASE = [
     "model.num_layers=4", "train.micro_batch_size=1", "data.seq_len=32", "train.lr=3e-3",
@@ -98,6 +98,21 @@ def test_reshard_resume_expert_tp2_to_single(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # resumed at step 3, not restarted
     assert resumed[4]["loss"] == pytest.approx(straight[4]["loss"], rel=1e-5)
+
+
+def test_auto_dtype_resumes_in_the_dtype_of_its_checkpoint(tmp_path):
+    _, pp1 = LAYOUTS["pp1"]
+    bf16 = pp1 + ["train.dtype=bf16", "train.steps=3", "checkpoint.interval=100"]
+    train(1, bf16 + ["train.exit_interval=2"], tmp_path / "bf16")
+    # auto on gloo is fp32, but a run trained in bf16 goes on in bf16 (its fp32 masters are in the checkpoint).
+    resumed = train(1, pp1 + ["train.steps=3", "checkpoint.interval=100"], tmp_path / "bf16")
+    straight = train(1, bf16, tmp_path / "straight")
+    assert resumed[3]["loss"] == straight[3]["loss"]
+    # An fp32 checkpoint has no masters to resume bf16 training from: refused, naming the fix.
+    train(1, pp1 + ["train.steps=2", "train.exit_interval=1"], tmp_path / "fp32")
+    with pytest.raises(RankFailure, match="trained in fp32.*train.dtype=fp32"):
+        run_distributed(_train, 1, pp1 + ["train.dtype=bf16", "train.steps=2", "cluster.gpus_per_node=1"],
+                        str(tmp_path / "fp32"), timeout=120)
 
 
 def test_step_trace_written(tmp_path):

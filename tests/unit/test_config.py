@@ -1,6 +1,6 @@
 import pytest
 
-from mtrain.config import ConfigError
+from mtrain.config import Backend, ConfigError, Dtype, resolve_dtype
 from mtrain.config.loading import load_config
 from mtrain.train.preflight import check_config, config_errors
 
@@ -14,6 +14,15 @@ def test_default_config_is_valid_and_composed():
     assert config_errors(cfg) == []
     assert cfg.model.name == "tiny" and cfg.parallel.schedule == "dualpipe"
     assert cfg.model.num_routed_experts >= 8 and cfg.model.n_group >= 2
+
+
+def test_dtype_defaults_to_auto_bf16_on_nccl_fp32_on_gloo():
+    assert load_config().train.dtype is Dtype.auto
+    assert resolve_dtype(Dtype.auto, Backend.nccl) == resolve_dtype("auto", "nccl") == "bf16"
+    assert resolve_dtype(Dtype.auto, Backend.gloo) == resolve_dtype("auto", "gloo") == "fp32"
+    assert resolve_dtype("auto", "auto") == "bf16"  # planning without processes: a GPU cluster
+    for explicit in ("fp32", "bf16"):
+        assert {resolve_dtype(Dtype(explicit), backend) for backend in Backend} == {explicit}
 
 
 def test_overrides_reach_the_tree():

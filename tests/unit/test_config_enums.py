@@ -60,7 +60,7 @@ def test_schema_choices_match_the_packages_that_use_them():
 def test_bad_choice_names_the_field_the_value_and_the_choices():
     assert override_errors(["+train.dtype=fp16", "parallel.schedule=1f1b,gpipe", "parallel.backend=1",
                             "--cfg", "job", "model=small", "parallel.schedule=${x}"]) == [
-        "train.dtype='fp16' is not a valid choice; choose one of fp32, bf16",
+        "train.dtype='fp16' is not a valid choice; choose one of auto, fp32, bf16",
         "parallel.schedule='gpipe' is not a valid choice; choose one of 1f1b, zb1p, dualpipe, dualpipev",
         "parallel.backend=1 is not a valid choice; choose one of auto, gloo, nccl",
     ]

@@ -13,11 +13,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from mtrain.launch import requeue
 from mtrain.launch.announce import AnnounceSlurmJobs, JobAnnouncer
 from mtrain.launch.sbatch import compose_with_launcher, main as sbatch_main, render_script, sbatch_options, script_for
+from mtrain.parallel import groups as groups_module
+from mtrain.parallel.groups import collective_device
 from mtrain.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,6 +179,43 @@ def test_ranks_agree_and_only_rank0_requeues(tmp_path, monkeypatch, signals, out
     results = run_distributed(_rank_requeue, 2, signals, {"SLURM_JOB_ID": "7"}, timeout=60)
     assert results == [outcome, outcome]
     assert (calls.read_text().splitlines() if calls.exists() else []) == ["requeue 7"] * calls_expected
+
+
+def _collective_device_of_world():
+    return str(collective_device())
+
+
+def test_collective_device_is_the_cpu_under_gloo():
+    assert run_distributed(_collective_device_of_world, 2, timeout=60) == ["cpu", "cpu"]
+
+
+def test_collective_device_is_the_current_cuda_device_under_nccl(monkeypatch):
+    monkeypatch.setattr(groups_module.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(groups_module.torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
+
+
+class _Collective(Exception):
+    """Raised by a stand-in collective, carrying the device of its tensor."""
+
+
+def _stand_in_collective(tensor, *args, **kwargs):
+    raise _Collective(tensor.device)
+
+
+def test_requeue_collectives_put_their_tensors_on_the_collective_device(monkeypatch):
+    # NCCL refuses CPU tensors: both collectives must ask where their tensor goes.
+    monkeypatch.setattr(requeue, "collective_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(requeue.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(requeue.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(requeue.dist, "all_reduce", _stand_in_collective)
+    monkeypatch.setattr(requeue.dist, "broadcast", _stand_in_collective)
+    with pytest.raises(_Collective) as reduce_info:
+        requeue.agreed_stop_signal(signal.SIGUSR1)
+    monkeypatch.setattr(requeue, "agreed_stop_signal", lambda signum: signum)
+    with pytest.raises(_Collective) as broadcast_info:
+        requeue.requeue_if_warned(signal.SIGUSR1, {"SLURM_JOB_ID": "42"})
+    assert reduce_info.value.args[0] == broadcast_info.value.args[0] == torch.device("meta")
 
 
 # -- announcing submitted jobs ------------------------------------------------------

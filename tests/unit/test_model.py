@@ -154,5 +154,33 @@ def test_deepep_dispatcher_absent_fails_naming_the_package():
         pytest.skip("deep_ep is installed here")
     with pytest.raises(ImportError, match="deep_ep"):
         make_dispatcher("deepep", num_experts=8)
-    # auto falls back to the torch.distributed path without CUDA / DeepEP.
+    # auto is the torch.distributed path (local for ep=1).
     assert make_dispatcher("auto", num_experts=8).name == "local"
+
+
+def _auto_dispatcher_over_the_world():
+    import torch.distributed as dist
+
+    from mtrain.model.moe.dispatch import make_dispatcher
+
+    return make_dispatcher("auto", num_experts=8, ep_group=dist.group.WORLD).name
+
+
+def test_auto_dispatcher_never_picks_deepep_even_where_it_would_run(monkeypatch):
+    import sys
+    import types
+
+    from mtrain.model.moe.dispatch import make_dispatcher
+    from mtrain.testing import run_distributed
+
+    class Buffer:  # any use of it means deepep was picked
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("auto built a DeepEP buffer")
+
+        set_num_sms = __init__
+
+    monkeypatch.setitem(sys.modules, "deep_ep", types.SimpleNamespace(Buffer=Buffer))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_dispatcher("auto", num_experts=8).name == "local"
+    # Forked ranks inherit the stand-in module and the patched CUDA check.
+    assert run_distributed(_auto_dispatcher_over_the_world, 2, timeout=60) == ["alltoall", "alltoall"]

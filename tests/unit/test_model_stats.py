@@ -91,6 +91,17 @@ def test_bytes_per_parameter_by_dtype():
     assert b["total"] == b["weights"] + b["grads"] + b["optimizer"] + b["activations"]
 
 
+def test_auto_dtype_is_planned_as_bf16_unless_the_backend_is_gloo():
+    def estimate(*overrides):
+        cfg = load_config(["parallel=single", "train.zero1=false", *overrides])
+        return memory_estimate(cfg, _one_stage(cfg), 1, world_size=1)
+
+    assert estimate() == estimate("parallel.backend=nccl") == estimate("train.dtype=bf16")
+    assert estimate("parallel.backend=gloo") == estimate("train.dtype=fp32")
+    assert estimate("train.dtype=bf16", "parallel.backend=gloo") == estimate("train.dtype=bf16")
+    assert estimate()["weights"] < estimate("parallel.backend=gloo")["weights"]
+
+
 def test_experts_split_over_ep_and_activations_scale_with_inflight():
     ep2 = load_config(["parallel=single", "parallel.ep=2", "train.zero1=false"])
     ep1 = load_config(["parallel=single", "train.zero1=false"])

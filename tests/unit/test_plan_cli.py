@@ -86,6 +86,14 @@ def test_plan_stages_and_memory_for_dualpipe():
         assert r["total"] == r["weights"] + r["grads"] + r["optimizer"] + r["activations"]
 
 
+def test_plan_takes_auto_dtype_as_bf16_unless_the_backend_is_gloo():
+    auto, gloo, fp32 = (plan_json("model=deepseek_v3", *ONE_NODE, *extra)
+                        for extra in ((), ("parallel.backend=gloo",), ("train.dtype=fp32",)))
+    assert (auto["dtype"], gloo["dtype"], fp32["dtype"]) == ("bf16", "fp32", "fp32")
+    assert gloo["memory"] == fp32["memory"]
+    assert auto["memory"][0]["weights"] * 2 == fp32["memory"][0]["weights"]
+
+
 def test_plan_stages_for_dualpipev_and_explicit_layout():
     plan = plan_json("cluster.gpus_per_node=4", "parallel.pp=2", "parallel.schedule=dualpipev",
                      "parallel.pipeline_layout=[1,1,2,0]")
@@ -99,4 +107,4 @@ def test_text_plan_shows_model_facts():
     assert out.returncode == 0, out.stderr
     assert "model deepseek_v3: 671.0B total, 36.6B activated, MTP 11.6B" in out.stdout
     assert "stage 0: layers 0-60 (61) + embedding + head + mtp on pp ranks [0]" in out.stdout
-    assert "GiB" in out.stdout
+    assert "GiB" in out.stdout and "memory per rank (estimate, bf16 training):" in out.stdout

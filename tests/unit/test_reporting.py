@@ -13,8 +13,8 @@ import torch
 
 from mtrain.config.loading import load_config
 from mtrain.train import metrics as metrics_module
-from mtrain.train.metrics import (StepMetrics, device_peak_tflops, expert_load_imbalance, peak_memory_bytes,
-                                  throughput)
+from mtrain.train.metrics import (StepMetrics, StepTimer, device_peak_tflops, expert_load_imbalance,
+                                  peak_memory_bytes, throughput)
 from mtrain.train.reporting import Reporter, render_expert_load
 
 LOADS = {"layers.1.mlp": [1.0, 2.0, 3.0, 4.0], "layers.10.mlp": [4.0, 4.0, 4.0, 4.0],
@@ -46,10 +46,18 @@ def test_throughput_and_mfu_on_known_numbers():
 
 
 def test_mfu_uses_the_device_table_when_the_peak_is_not_configured(monkeypatch):
-    monkeypatch.setattr(metrics_module, "local_device_peak_tflops", lambda: None)
+    monkeypatch.setattr(metrics_module, "local_device_peak_tflops", lambda dtype: None)
     assert throughput(8192, 2.0, 6e9, 4, None)["mfu"] is None
-    monkeypatch.setattr(metrics_module, "local_device_peak_tflops", lambda: 61.44)
+    monkeypatch.setattr(metrics_module, "local_device_peak_tflops", lambda dtype: 61.44)
     assert throughput(8192, 2.0, 6e9, 4, None)["mfu"] == pytest.approx(0.1)
+
+
+def test_mfu_peak_is_the_one_of_the_dtype_trained_in(monkeypatch):
+    monkeypatch.setattr(metrics_module, "local_device_peak_tflops", lambda dtype: {"bf16": 61.44, "fp32": 30.72}[dtype])
+    assert throughput(8192, 2.0, 6e9, 4, None, "bf16")["mfu"] == pytest.approx(0.1)
+    assert throughput(8192, 2.0, 6e9, 4, None, "fp32")["mfu"] == pytest.approx(0.2)
+    # A configured peak is used whatever the dtype.
+    assert throughput(8192, 2.0, 6e9, 4, 100.0, "fp32")["mfu"] == pytest.approx(0.06144)
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -58,6 +66,52 @@ def test_mfu_uses_the_device_table_when_the_peak_is_not_configured(monkeypatch):
 ])
 def test_device_peak_table(name, peak):
     assert device_peak_tflops(name) == peak
+
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA H100 80GB HBM3", 989.0, 494.5), ("NVIDIA H100 PCIe", 756.0, 378.0), ("NVIDIA H100 NVL", 835.0, 417.5),
+    ("NVIDIA H200", 989.0, 494.5), ("NVIDIA H200 NVL", 835.0, 417.5), ("NVIDIA H800", 989.0, 494.5),
+    ("NVIDIA H800 PCIe", 756.0, 378.0), ("NVIDIA A100-SXM4-80GB", 312.0, 156.0), ("NVIDIA A100 80GB PCIe", 312.0, 156.0),
+])
+def test_device_peak_by_dtype(name, bf16, fp32):
+    # fp32 runs use TF32 tensor cores: half the bf16 dense peak on these GPUs.
+    assert (device_peak_tflops(name, "bf16"), device_peak_tflops(name, "fp32")) == (bf16, fp32)
+    assert device_peak_tflops("Tesla T4", "fp32") is None
+
+
+def test_step_timer_uses_perf_counter_on_cpu(monkeypatch):
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(torch.cuda, "Event", None)  # any CUDA event use fails
+    timer = StepTimer(torch.device("cpu"))
+    timer.start()
+    timer.stop()
+    assert timer.seconds() == 2.5
+
+
+def test_step_timer_uses_cuda_events_on_cuda(monkeypatch):
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            recorded.append(self)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):  # milliseconds
+            assert recorded == [self, end]
+            return 1500.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(metrics_module.time, "perf_counter", None)  # the host clock is not used
+    timer = StepTimer(torch.device("cuda", 0))
+    timer.start()
+    timer.stop()
+    assert timer.seconds() == 1.5
 
 
 def test_expert_load_imbalance_is_max_over_mean_per_layer():

@@ -121,10 +121,6 @@ class DeepEPDispatcher(Dispatcher):
         return plan
 
 
-def _available_on_gpu() -> bool:
-    return torch.cuda.is_available() and available()
-
-
+# Only by name (parallel.dispatcher=deepep): ``auto`` never picks it.
 register_dispatcher(DispatcherBackend(
-    "deepep", lambda num_experts, ep_group=None, num_sms=20: DeepEPDispatcher(num_experts, ep_group, num_sms=num_sms),
-    _available_on_gpu, priority=1))
+    "deepep", lambda num_experts, ep_group=None, num_sms=20: DeepEPDispatcher(num_experts, ep_group, num_sms=num_sms)))

@@ -126,13 +126,10 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class DispatcherBackend:
-    """A registered dispatcher: ``build(num_experts, ep_group, num_sms)``, and
-    ``available()`` saying whether ``auto`` may pick it on this machine."""
+    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms)``."""
 
     name: str
     build: Callable[..., "Dispatcher"]
-    available: Callable[[], bool]
-    priority: int = 0  # ``auto`` picks the available backend with the highest
 
 
 BACKENDS: dict[str, DispatcherBackend] = {}
@@ -152,16 +149,21 @@ def _build_local(num_experts, ep_group=None, num_sms: int = 20) -> Dispatcher:
     return Dispatcher(num_experts, None)
 
 
-register_dispatcher(DispatcherBackend("alltoall", _build_alltoall, lambda: True))
-register_dispatcher(DispatcherBackend("local", _build_local, lambda: False))  # alltoall covers ep=1 itself
+register_dispatcher(DispatcherBackend("alltoall", _build_alltoall))
+register_dispatcher(DispatcherBackend("local", _build_local))
+
+# ``auto`` is alltoall, which is the local backend when ep=1. It never switches
+# to an accelerated backend just because it imports: DeepEP needs bf16 and
+# ep > 1, so ``deepep`` runs only when asked for by name.
+AUTO_DISPATCHER = "alltoall"
 
 
 def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20) -> Dispatcher:
-    """``auto`` picks the available registered backend of highest priority
-    (deepep on CUDA when deep_ep imports, else alltoall, local for ep=1)."""
+    """The registered backend ``kind``; ``auto`` is :data:`AUTO_DISPATCHER`
+    (alltoall, local for ep=1)."""
     kind = str(kind)
     if kind == "auto":
-        kind = max((b for b in BACKENDS.values() if b.available()), key=lambda b: b.priority).name
+        kind = AUTO_DISPATCHER
     if kind not in BACKENDS:
         raise ValueError(f"unknown dispatcher {kind!r}: use auto or one of {', '.join(sorted(BACKENDS))}")
     return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms)
