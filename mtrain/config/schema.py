@@ -73,6 +73,7 @@ class ScoreFunc(Choice):
 class GroupedGemm(Choice):
     auto = "auto"
     torch = "torch"
+    grouped_mm = "grouped_mm"
     triton = "triton"
 
 

@@ -18,7 +18,7 @@ def fresh_choice():
 
 
 def test_unknown_backend_names_the_choices():
-    with pytest.raises(ValueError, match="auto, torch, triton"):
+    with pytest.raises(ValueError, match="auto, torch, grouped_mm, triton"):
         GroupedExperts(2, 8, 8, 0.1, grouped_gemm="cutlass")
 
 
@@ -63,3 +63,36 @@ def test_torch_backend_matches_dense_per_expert_products():
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(weight.grad, w2.grad, rtol=1e-6, atol=1e-6)
     assert torch.equal(weight.grad[1], torch.zeros(6, 4))
+
+
+@pytest.mark.skipif(not gemm_backends.grouped_mm_available(), reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_mm_backend_matches_the_per_expert_loop_with_deferred_weight_grads(dtype, tol):
+    from mtrain.runtime.context import StepContext
+
+    counts = [5, 0, 17, 1, 0, 9]  # empty experts, uneven blocks
+    torch.manual_seed(0)
+    x = torch.randn(sum(counts), 24).to(dtype)
+    weight = torch.randn(6, 40, 24).to(dtype)
+    results = {}
+    for kind in ("torch", "grouped_mm"):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        step = StepContext()
+        with step.bound():
+            y = grouped_linear(xi, wi, counts, kind)
+        with step.deferring_weight_grads() as sink:
+            y.float().square().sum().backward()
+        assert wi.grad is None and len(sink) == 1  # the weight gradient waits for its W
+        sink.run()
+        results[kind] = (y.detach().float(), xi.grad.float(), wi.grad.float())
+    for ours, ref in zip(results["grouped_mm"], results["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    assert torch.equal(results["grouped_mm"][2][1], torch.zeros(40, 24))
+
+
+def test_auto_prefers_grouped_mm_for_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gemm_backends, "grouped_mm_available", lambda: True)
+    backend = grouped_gemm_backend("auto")
+    assert backend._gpu is gemm_backends.GroupedMMGemm
+    assert backend._pick(torch.zeros(1)) is TorchGroupedGemm  # CPU tensors keep the loop

@@ -8,9 +8,12 @@ expert (``counts[e]`` rows each) and ``weight`` [E, out, in]:
 * ``grad_weight``  ``dw[e]         = dy[rows of e]^T @ x[rows of e]``
 
 ``torch`` loops over experts with plain matmuls (the reference, any device);
+``grouped_mm`` is torch's grouped matmul (``torch.nn.functional.grouped_mm``:
+one call for all experts, offsets on the device, nothing read back);
 ``triton`` runs :mod:`mtrain.kernels.grouped_gemm` (one launch for all experts;
-CUDA, or CPU under ``TRITON_INTERPRET=1``); ``auto`` uses triton for CUDA
-tensors when it imports, torch otherwise.
+CUDA, or CPU under ``TRITON_INTERPRET=1``). ``auto`` uses grouped_mm for CUDA
+tensors when this torch has it, else triton when it imports, and torch for
+CPU tensors.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from mtrain.kernels import triton_interpreting
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "torch", "triton")
+KINDS = ("auto", "torch", "grouped_mm", "triton")
 _INSTALL_HINT = ("model.grouped_gemm=triton needs the triton package: pip install triton "
                  "(or set model.grouped_gemm=torch)")
 
@@ -53,6 +56,37 @@ class TorchGroupedGemm:
         return torch.stack([g.t() @ xe for g, xe in zip(_split(grad_out, counts), _split(x, counts))])
 
 
+def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """End row of every expert's block (int32), queued to the device without a host wait."""
+    ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return ends.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ends
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(torch.nn.functional, "grouped_mm")
+
+
+class GroupedMMGemm:
+    """torch's grouped matmul; the three products as three grouped calls.
+    Shapes need 16-byte aligned rows (hidden and expert widths multiples of 8
+    in bf16), which every model config here has."""
+
+    name = "grouped_mm"
+
+    @staticmethod
+    def forward(x, weight, counts):
+        return torch.nn.functional.grouped_mm(x, weight.transpose(1, 2), offs=_offsets(counts, x.device))
+
+    @staticmethod
+    def grad_input(grad_out, weight, counts):
+        return torch.nn.functional.grouped_mm(grad_out, weight, offs=_offsets(counts, grad_out.device))
+
+    @staticmethod
+    def grad_weight(grad_out, x, counts):
+        # 2-D x 2-D with the offsets splitting the shared (row) dimension: one [out, in] block per expert.
+        return torch.nn.functional.grouped_mm(grad_out.t(), x, offs=_offsets(counts, x.device))
+
+
 class TritonGroupedGemm:
     """The Triton kernels of :mod:`mtrain.kernels.grouped_gemm`."""
 
@@ -74,15 +108,16 @@ class TritonGroupedGemm:
 
 
 class AutoGroupedGemm:
-    """Triton for CUDA tensors, torch for the rest (CPU runs, CPU tests)."""
+    """``gpu_backend`` (grouped_mm or triton) for CUDA tensors, torch for the
+    rest (CPU runs, CPU tests)."""
 
     name = "auto"
 
-    def __init__(self, triton_backend: TritonGroupedGemm | None):
-        self._triton = triton_backend
+    def __init__(self, gpu_backend=None):
+        self._gpu = gpu_backend
 
     def _pick(self, x: torch.Tensor):
-        return self._triton if self._triton is not None and x.is_cuda else TorchGroupedGemm
+        return self._gpu if self._gpu is not None and x.is_cuda else TorchGroupedGemm
 
     def forward(self, x, weight, counts):
         return self._pick(x).forward(x, weight, counts)
@@ -110,6 +145,11 @@ def grouped_gemm_backend(kind: str = "auto"):
         raise ValueError(f"unknown model.grouped_gemm={kind!r}: use one of {', '.join(KINDS)}")
     if kind == "torch":
         return TorchGroupedGemm
+    if kind == "grouped_mm":
+        if not grouped_mm_available():
+            raise RuntimeError(f"model.grouped_gemm=grouped_mm needs torch.nn.functional.grouped_mm "
+                               f"(this torch is {torch.__version__}); set model.grouped_gemm=auto or torch")
+        return GroupedMMGemm
     if kind == "triton":
         if not _triton_importable():
             raise ImportError(_INSTALL_HINT)
@@ -117,7 +157,13 @@ def grouped_gemm_backend(kind: str = "auto"):
             raise RuntimeError("model.grouped_gemm=triton needs CUDA, or TRITON_INTERPRET=1 to run the kernels "
                                "(slowly) on CPU; set model.grouped_gemm=torch or auto")
         return TritonGroupedGemm()
-    use_triton = torch.cuda.is_available() and _triton_importable()
+    if not torch.cuda.is_available():
+        log.info("model.grouped_gemm=auto: torch (no CUDA)")
+        return AutoGroupedGemm(None)
+    if grouped_mm_available():
+        log.info("model.grouped_gemm=auto: torch grouped_mm for CUDA tensors")
+        return AutoGroupedGemm(GroupedMMGemm)
+    use_triton = _triton_importable()
     log.info("model.grouped_gemm=auto: %s", "triton kernels for CUDA tensors" if use_triton
-             else "torch (no CUDA)" if not torch.cuda.is_available() else "torch (triton is not installed)")
+             else "torch (neither grouped_mm nor triton here)")
     return AutoGroupedGemm(TritonGroupedGemm() if use_triton else None)
