@@ -14,8 +14,18 @@ weights and of the layer input are complete and equal on all TP ranks.
 Selective recompute (``cfg.recompute == "selective"``) drops the norm outputs
 and up-projection outputs after the forward and recomputes them in the
 backward, as DeepSeek-V3 did for its RMSNorm and MLA up-projections.
+
+The attention core is ``scaled_dot_product_attention``. Its flash backend
+needs the value head dim equal to the query/key one (MLA: 128 against 192 at
+V3), so on CUDA the values are zero-padded to the query/key dim and the
+output sliced back: exactly the same result and gradients (the padded
+columns are zero and carry no gradient), with the flash kernel eligible.
+:func:`attention_core` logs once which form ran.
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 from torch import nn
@@ -26,6 +36,8 @@ from mtrain.model.rope import apply_rope, softmax_scale
 from mtrain.model.tp import (ColumnParallelLinear, Group, ReplicatedLinear, RowParallelLinear, copy_to_tp, divide,
                              tp_size)
 from mtrain.runtime.context import maybe_recompute
+
+log = logging.getLogger(__name__)
 
 
 class MLAttention(nn.Module):
@@ -76,7 +88,26 @@ class MLAttention(nn.Module):
 
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
-        # [B, heads, S, dim] for attention; the value dim may differ from the query/key dim.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=self.scale)
+        out = attention_core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * self.v_dim))
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   pad_values: bool | None = None) -> torch.Tensor:
+    """Causal attention of ``[B, heads, S, dim]`` tensors; the value dim may be
+    smaller than the query/key dim. ``pad_values`` (default: on CUDA) pads the
+    values to the query/key dim so the flash kernel can run."""
+    v_dim, qk_dim = v.shape[-1], q.shape[-1]
+    pad = (q.is_cuda if pad_values is None else pad_values) and v_dim < qk_dim
+    _log_attention_form(q.device.type, pad, v_dim, qk_dim)
+    if not pad:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, qk_dim - v_dim)), is_causal=True, scale=scale)
+    return out[..., :v_dim]
+
+
+@functools.cache
+def _log_attention_form(device: str, pad: bool, v_dim: int, qk_dim: int) -> None:
+    how = (f"values padded {v_dim}->{qk_dim} so the flash kernel is eligible" if pad
+           else f"query/key dim {qk_dim}, value dim {v_dim}: torch picks the kernel")
+    log.info("attention on %s: scaled_dot_product_attention, %s", device, how)

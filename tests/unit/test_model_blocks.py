@@ -289,3 +289,21 @@ def test_shard_rejects_coords_that_do_not_fit_the_module():
         shard_full_state_dict(TaggedToy(tp=2), full, {"tp": (0, 4)})
     with pytest.raises(KeyError, match="plain"):
         shard_full_state_dict(TaggedToy(), {k: v for k, v in full.items() if k != "plain"}, {})
+
+
+def test_padding_the_values_for_flash_attention_changes_nothing():
+    from mtrain.model.attention import attention_core
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 16, 24, requires_grad=True), torch.randn(2, 4, 16, 24, requires_grad=True)
+    v = torch.randn(2, 4, 16, 16, requires_grad=True)
+    results = []
+    for pad in (False, True):
+        for t in (q, k, v):
+            t.grad = None
+        out = attention_core(q, k, v, 0.2, pad_values=pad)
+        assert out.shape == (2, 4, 16, 16)
+        (out * torch.arange(16.0)).sum().backward()
+        results.append([out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
+    for padded, plain in zip(results[1], results[0]):
+        torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
