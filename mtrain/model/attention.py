@@ -15,11 +15,12 @@ Selective recompute (``cfg.recompute == "selective"``) drops the norm outputs
 and up-projection outputs after the forward and recomputes them in the
 backward, as DeepSeek-V3 did for its RMSNorm and MLA up-projections.
 
-The attention core is ``scaled_dot_product_attention``. Its flash backend
-needs the value head dim equal to the query/key one (MLA: 128 against 192 at
-V3), so on CUDA the values are zero-padded to the query/key dim and the
-output sliced back: exactly the same result and gradients (the padded
-columns are zero and carry no gradient), with the flash kernel eligible.
+The attention core is ``scaled_dot_product_attention``. Its fused (flash)
+kernels, on CUDA and on CPU, need the value head dim equal to the query/key
+one (MLA: 128 against 192 at V3); otherwise torch falls back to a kernel that
+keeps the [S, S] score matrix. So the values are zero-padded to the query/key
+dim and the output sliced back: the same result and gradients (the padded
+columns are zero and carry no gradient), with the fused kernel eligible.
 :func:`attention_core` logs once which form ran.
 """
 from __future__ import annotations
@@ -93,12 +94,12 @@ class MLAttention(nn.Module):
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                   pad_values: bool | None = None) -> torch.Tensor:
+                   pad_values: bool = True) -> torch.Tensor:
     """Causal attention of ``[B, heads, S, dim]`` tensors; the value dim may be
-    smaller than the query/key dim. ``pad_values`` (default: on CUDA) pads the
-    values to the query/key dim so the flash kernel can run."""
+    smaller than the query/key dim. ``pad_values`` pads the values to the
+    query/key dim so a fused kernel can run."""
     v_dim, qk_dim = v.shape[-1], q.shape[-1]
-    pad = (q.is_cuda if pad_values is None else pad_values) and v_dim < qk_dim
+    pad = pad_values and v_dim < qk_dim
     _log_attention_form(q.device.type, pad, v_dim, qk_dim)
     if not pad:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -108,6 +109,6 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 @functools.cache
 def _log_attention_form(device: str, pad: bool, v_dim: int, qk_dim: int) -> None:
-    how = (f"values padded {v_dim}->{qk_dim} so the flash kernel is eligible" if pad
+    how = (f"values padded {v_dim}->{qk_dim} so a fused (flash) kernel is eligible" if pad
            else f"query/key dim {qk_dim}, value dim {v_dim}: torch picks the kernel")
     log.info("attention on %s: scaled_dot_product_attention, %s", device, how)

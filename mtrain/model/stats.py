@@ -201,7 +201,9 @@ def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int) -> float:
     if m.recompute == "selective":
         latents -= m.q_lora_rank + m.kv_lora_rank
     replicated = 4 * h + latents
-    split = m.num_heads * (2 * qk_head + m.qk_nope_head_dim + 2 * m.v_head_dim)
+    # The attention output is kept at the query/key head dim: the values are
+    # padded to it for the fused kernel (mtrain.model.attention).
+    split = m.num_heads * (2 * qk_head + m.qk_nope_head_dim + m.v_head_dim + max(qk_head, m.v_head_dim))
     experts = 0.0
     if dense:
         split += 3 * m.ffn_hidden_size
@@ -237,9 +239,10 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     non-expert parameters and over expert_dp for routed experts when
     ``train.zero1`` is set (ZeRO-1 shards only optimizer states).
     activations = peak_inflight_microbatches · (largest chunk's elements per
-    token) · micro_batch_size · seq_len · bytes(dtype), plus, once, fp32 logits
-    and their gradient on a rank with the head (vocab split over tp) and one
-    block's working set under full recompute.
+    token) · micro_batch_size · seq_len · bytes(dtype), plus, once, the fp32
+    softmax of the head and of every MTP depth and one logits gradient on a
+    rank with the head (vocab split over tp) and one block's working set under
+    full recompute.
 
     ``train.dtype=auto`` is taken as the dtype it resolves to on the planned
     cluster: bf16 (GPUs), unless ``parallel.backend=gloo`` (fp32).
@@ -258,7 +261,9 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     chunk = max(_chunk_activation_elements(m, s, p.tp, p.expert_tp) for s in rank_stages)
     activations = peak_inflight_microbatches * chunk * tokens * ACTIVATION_BYTES[dtype]
     if any(s["head"] for s in rank_stages):
-        activations += 2 * tokens * (m.vocab_size / p.tp) * LOGITS_BYTES
+        # The softmax of the main head and of every MTP depth is kept for the
+        # backward, plus one gradient of the logits at a time.
+        activations += (2 + m.mtp_depth) * tokens * (m.vocab_size / p.tp) * LOGITS_BYTES
     if m.recompute == "full":
         kinds = [dense for dense, present in ((True, m.first_k_dense > 0), (False, has_moe(m))) if present]
         largest = max(layer_activation_elements(m, dense, p.tp, p.expert_tp) for dense in kinds)

@@ -46,7 +46,8 @@ class LiveTensorMemory(TorchDispatchMode):
     """Exact tensor memory of a stretch of work on any device, CPU included:
     every storage an op creates counts from its creation until it is freed
     (or resized to nothing); ``peak_bytes`` is the most alive at once.
-    Tensors that existed before (parameters, inputs) are not counted.
+    Tensors that existed before (parameters, inputs) and views of them are
+    not counted.
     """
 
     def __init__(self):
@@ -55,11 +56,14 @@ class LiveTensorMemory(TorchDispatchMode):
         self.peak_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place results share an input's storage: only new storages count.
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, tuple(kwargs.values())))}
         for t in _tensors(out):
             storage = t.untyped_storage()
             key = storage._cdata  # one key per storage, whatever the view
-            if key not in self._storages:
+            if key not in self._storages and key not in inputs:
                 self._storages[key] = weakref.ref(storage)
                 weakref.finalize(storage, self._storages.pop, key, None)
         self.peak_bytes = max(self.peak_bytes, self.live_bytes())

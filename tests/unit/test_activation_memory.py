@@ -65,3 +65,30 @@ def test_recorded_moe_layer_stays_within_3_percent_of_plain_autograd():
     assert recorded <= 1.03 * plain, (recorded, plain)
     # Without releasing the exchanged rows the recording holds a [tokens * top-k, hidden] tensor more.
     assert keeping - recorded >= 1024 * 8 * 256 * 4, (keeping, recorded)
+
+
+def test_the_plans_activation_estimate_is_within_15_percent_of_the_measured_forward():
+    """The activations a micro-batch's forward keeps for its backward (live
+    tensor bytes at the end of the forward, one rank, fp32) against
+    mtrain-plan's per-micro-batch activation estimate, for tiny and small."""
+    from mtrain.cli.planning import make_plan
+    from mtrain.config.loading import load_config
+    from mtrain.model.model import ModelChunk, initialize
+    from mtrain.runtime.runner import ChunkRunner
+
+    for name in ("tiny", "small"):
+        cfg = load_config([f"model={name}", "parallel=single", "cluster.gpus_per_node=1", "train.dtype=fp32"])
+        m = cfg.model
+        model = ModelChunk(m, list(range(m.num_layers)))
+        initialize(model, 0, m.init_std)
+        ids = torch.randint(m.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
+                            generator=torch.Generator().manual_seed(0))
+        runner = ChunkRunner(model)
+        with LiveTensorMemory() as live:
+            runner.forward(0, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, step=StepContext())
+            measured = live.live_bytes()
+        runner.backward(0, torch.ones(()))
+        plan = make_plan(cfg, 1)
+        assert plan["memory"][0]["peak_inflight_microbatches"] == 1
+        estimate = plan["memory"][0]["activations"]
+        assert abs(measured - estimate) <= 0.15 * measured, (name, measured, estimate)
