@@ -98,14 +98,19 @@ def global_grad_norm(params: dict, counted: set, representative: set, groups) ->
     everywhere; likewise expert parameters over expert_tp.
     """
     device = next(iter(params.values())).device
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    grads = []
     for name in sorted(counted & representative):  # fixed order: bit-exact resumes
         p = params[name]
         m = meta(p)
         split_kind = "expert_tp" if m.expert else "tp"
         if m.shard_group != split_kind and groups is not None and groups.index(split_kind) != 0:
             continue
-        total += main_grad(p).double().pow(2).sum()
+        grads.append(main_grad(p))
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if grads:
+        # One norm per tensor (foreach: a few launches, no fp64 copy of every
+        # gradient), then their squares summed in fp64 in the fixed order.
+        total = torch.stack(torch._foreach_norm(grads, 2.0)).double().pow(2).sum()
     if groups is not None:
         dist.all_reduce(total)
     return total.sqrt()

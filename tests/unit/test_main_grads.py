@@ -79,3 +79,17 @@ def test_deferred_weight_gradients_land_in_the_main_grads_too():
     later = stepwise_main_grads(model, mb, defer=True)
     for n in now:
         assert torch.equal(now[n], later[n]), n
+
+
+def test_global_grad_norm_is_the_norm_of_every_counted_gradient():
+    from mtrain.train.grads import global_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.zeros(shape)) for n, shape in
+              (("a", (3, 4)), ("b", (5,)), ("c", (2, 2)))}
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=g)
+    counted = {"a", "b"}  # "c" is counted on another rank
+    norm = global_grad_norm(params, counted, set(params), None)
+    expected = torch.cat([params[n].grad.double().flatten() for n in sorted(counted)]).norm()
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)

@@ -37,23 +37,31 @@ def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
 
 
 class TorchGroupedGemm:
-    """The reference: one matmul per expert."""
+    """The reference: one matmul per expert, each written straight into its
+    block of the output (no per-expert results concatenated afterwards)."""
 
     name = "torch"
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outs = [xe @ weight[e].t() for e, xe in enumerate(_split(x, counts))]
-        return torch.cat(outs, 0) if outs else x.new_empty(0, weight.shape[1])
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        for e, (xe, ye) in enumerate(zip(_split(x, counts), _split(out, counts))):
+            torch.mm(xe, weight[e].t(), out=ye)
+        return out
 
     @staticmethod
     def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outs = [g @ weight[e] for e, g in enumerate(_split(grad_out, counts))]
-        return torch.cat(outs, 0) if outs else grad_out.new_empty(0, weight.shape[2])
+        out = grad_out.new_empty(grad_out.shape[0], weight.shape[2])
+        for e, (g, ge) in enumerate(zip(_split(grad_out, counts), _split(out, counts))):
+            torch.mm(g, weight[e], out=ge)
+        return out
 
     @staticmethod
     def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return torch.stack([g.t() @ xe for g, xe in zip(_split(grad_out, counts), _split(x, counts))])
+        out = x.new_empty(len(counts), grad_out.shape[1], x.shape[1])
+        for e, (g, xe) in enumerate(zip(_split(grad_out, counts), _split(x, counts))):
+            torch.mm(g.t(), xe, out=out[e])  # an expert without rows gets zeros
+        return out
 
 
 def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
