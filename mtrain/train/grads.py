@@ -65,27 +65,46 @@ def _all_reduce_bucket(tensors: list[torch.Tensor], group) -> None:
         t.copy_(reduced)
 
 
-def reduce_gradients(params: dict, groups, placement) -> None:
+def reduce_gradients(params: dict, groups, placement, scatter=None) -> int:
     """Sum gradients over every replica group (one flat all-reduce per group
     kind), then average over data parallelism: each rank's loss is a mean over
-    its own tokens, the global loss is the mean over the dp replicas."""
+    its own tokens, the global loss is the mean over the dp replicas.
+
+    ``scatter`` (ZeRO-1: the optimizer's ``reduce_scatter_grads``) takes over
+    the ``dp`` and ``expert_dp`` sums, leaving each sum on the parameter's
+    owner only; they run last, after the copies of a stage (whose pairs share
+    a data-parallel index) have been summed. Returns the bytes this rank sends
+    (on a ring).
+    """
     for p in params.values():
         if main_grad(p) is None:
             p.grad = torch.zeros_like(p)
     if groups is None:
-        return
+        return 0
     buckets: dict[tuple[str, torch.dtype], list[torch.Tensor]] = defaultdict(list)
     for name in sorted(params):
         p = params[name]
         for kind in placement.replica_groups(name, meta(p).expert):
             if groups.size(kind) > 1:
                 buckets[(kind, main_grad(p).dtype)].append(main_grad(p))
-    for (kind, _), grads in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    replica_kinds = ("dp", "expert_dp")
+    order = sorted(buckets, key=lambda key: (key[0] in replica_kinds, key[0], str(key[1])))
+    sent, scattered = 0, set()
+    for kind, dtype in order:
+        if scatter is not None and kind in replica_kinds:
+            if kind not in scattered:
+                sent += scatter(kind)
+                scattered.add(kind)
+            continue
+        grads = buckets[(kind, dtype)]
         _all_reduce_bucket(grads, groups.group(kind))
+        n = groups.size(kind)  # a ring all-reduce sends 2(n-1)/n of the data
+        sent += 2 * (n - 1) * sum(g.numel() * g.element_size() for g in grads) // n
     dp = groups.size("dp")
     if dp > 1:
         for p in params.values():
             main_grad(p).div_(dp)
+    return sent
 
 
 def global_grad_norm(params: dict, counted: set, representative: set, groups) -> torch.Tensor:

@@ -2,37 +2,21 @@
 
 Each parameter is owned by one rank of its replica group (``dp`` for dense
 parameters, ``expert_dp`` for experts), assigned by size so owners carry
-similar loads. Only the owner keeps the fp32 master copy and the two moments
-and runs the update; it then broadcasts the new weights to the group. States
-are kept per parameter (not in flat buffers), named after the parameter, so a
-checkpoint of them reshards like the weights do.
+similar loads. The gradients are reduce-scattered to their owners
+(:mod:`mtrain.train.zero`); only the owner keeps the fp32 master copy and the
+two moments and runs the update; one all-gather then gives every rank the new
+weights. States are kept per parameter (not in flat buffers), named after the
+parameter, so a checkpoint of them reshards like the weights do.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from mtrain.model.params import meta
 from mtrain.train.grads import main_grad, zero_grads
+from mtrain.train.zero import assign_owners, owner_layouts, replica_kind
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-def replica_kind(param) -> str:
-    return "expert_dp" if meta(param).expert else "dp"
-
-
-def assign_owners(params: dict, group_sizes: dict[str, int]) -> dict[str, int]:
-    """Name -> owner index inside the parameter's replica group (greedy by size,
-    deterministic: every rank of a group computes the same assignment)."""
-    load = {kind: [0] * size for kind, size in group_sizes.items()}
-    owners = {}
-    for name in sorted(params, key=lambda n: (-params[n].numel(), n)):
-        kind = replica_kind(params[name])
-        idx = min(range(len(load[kind])), key=lambda i: (load[kind][i], i))
-        load[kind][idx] += params[name].numel()
-        owners[name] = idx
-    return owners
 
 
 class ZeroAdamW:
@@ -52,6 +36,9 @@ class ZeroAdamW:
         self.zero = zero and groups is not None
         # Without ZeRO every rank keeps every state and updates every parameter.
         self.owned = self.representative if self.zero else set(params)
+        self.my_index = my_index
+        self.layouts = owner_layouts(params, self.owner_index, sizes) if self.zero else {}
+        self.bytes_gathered = 0  # bytes the last step's all-gathers sent from this rank (ring)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         for name in sorted(self.owned):
             p = params[name]
@@ -95,13 +82,21 @@ class ZeroAdamW:
             self._broadcast_from_owners()
 
     def _broadcast_from_owners(self) -> None:
-        for name in sorted(self.params):
-            p = self.params[name]
-            kind = replica_kind(p)
-            if self.groups.size(kind) == 1:
-                continue
-            src = self.groups.ranks(kind)[self.owner_index[name]]
-            dist.broadcast(p.data, src=src, group=self.groups.group(kind))
+        """One all-gather per (group, dtype): every owner's updated parameters to all."""
+        self.bytes_gathered = 0
+        for (kind, dtype), layout in sorted(self.layouts.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            tensors = {n: self.params[n].data for names in layout.names_by_owner for n in names}
+            self.bytes_gathered += layout.all_gather(tensors, self.groups.group(kind), self.my_index[kind])
+
+    def reduce_scatter_grads(self, kind: str) -> int:
+        """Sum the gradients replicated over ``kind`` into their owners (the
+        others keep partial sums, which nothing reads). Returns bytes sent."""
+        sent = 0
+        for (k, _), layout in sorted(self.layouts.items(), key=lambda kv: str(kv[0][1])):
+            if k == kind:
+                grads = {n: main_grad(self.params[n]) for names in layout.names_by_owner for n in names}
+                sent += layout.reduce_scatter(grads, self.groups.group(kind), self.my_index[kind])
+        return sent
 
     def zero_grad(self) -> None:
         zero_grads(self.params)

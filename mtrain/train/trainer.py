@@ -235,7 +235,8 @@ class Trainer:
         if result.trace is not None:
             self._write_trace(result.trace)
         with self.phase("gradient reduction"):
-            reduce_gradients(self.params, self.groups, self.placement)
+            scatter = self.optimizer.reduce_scatter_grads if self.optimizer.zero else None
+            self.grad_bytes = reduce_gradients(self.params, self.groups, self.placement, scatter)
             norm = global_grad_norm(self.params, self.counted, self.optimizer.representative, self.groups)
         losses = self._global_losses(result)
         lr = self.lr.lr(self.step)

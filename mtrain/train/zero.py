@@ -1,0 +1,121 @@
+"""ZeRO-1 traffic: gradients reduce-scattered to their owners, updated
+parameters all-gathered back, in contiguous per-rank blocks.
+
+Every parameter replicated over a group (``dp`` for dense parameters,
+``expert_dp`` for experts) has one owner in it (:func:`assign_owners`, by
+size). An :class:`OwnerLayout` lays a group's parameters out rank by rank:
+rank i's owned tensors back to back, padded to the longest rank's length, so
+one ``reduce_scatter`` leaves each owner exactly the summed gradients it
+updates, and one ``all_gather`` gives every rank the updated parameters.
+Each moves the bytes of the parameters once, against the all-reduce (twice)
+and a broadcast per parameter it replaces. The optimizer states stay per
+parameter, so checkpoints reshard as before.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from mtrain.model.params import meta
+
+
+def replica_kind(param) -> str:
+    return "expert_dp" if meta(param).expert else "dp"
+
+
+def assign_owners(params: dict, group_sizes: dict[str, int]) -> dict[str, int]:
+    """Name -> owner index inside the parameter's replica group (greedy by size,
+    deterministic: every rank of a group computes the same assignment)."""
+    load = {kind: [0] * size for kind, size in group_sizes.items()}
+    owners = {}
+    for name in sorted(params, key=lambda n: (-params[n].numel(), n)):
+        kind = replica_kind(params[name])
+        idx = min(range(len(load[kind])), key=lambda i: (load[kind][i], i))
+        load[kind][idx] += params[name].numel()
+        owners[name] = idx
+    return owners
+
+
+# torch renamed the tensor forms (``*_into_tensor`` -> ``*_single``); use what this torch has.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class OwnerLayout:
+    """The parameters of one replica group, rank by rank, for ``size`` ranks."""
+
+    def __init__(self, names_by_owner: list[list[str]], numel: Callable[[str], int]):
+        self.names_by_owner = names_by_owner
+        self.block = max((sum(numel(n) for n in names) for names in names_by_owner), default=0)
+        self.padding = sum(self.block - sum(numel(n) for n in names) for names in names_by_owner)
+
+    def _pack(self, tensors: dict[str, torch.Tensor], dtype, device) -> torch.Tensor:
+        flat = torch.zeros(self.block * len(self.names_by_owner), dtype=dtype, device=device)
+        for rank, names in enumerate(self.names_by_owner):
+            offset = rank * self.block
+            for name in names:
+                t = tensors[name]
+                flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+        return flat
+
+    def _unpack(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], ranks) -> None:
+        for rank in ranks:
+            offset = rank * self.block
+            for name in self.names_by_owner[rank]:
+                t = tensors[name]
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def reduce_scatter(self, grads: dict[str, torch.Tensor], group, my_rank: int) -> int:
+        """Sum ``grads`` over the group into the owners' tensors (others keep
+        their own partial values). Returns the bytes this rank sends on a ring."""
+        if not self.block:
+            return 0
+        some = next(iter(grads.values()))
+        flat = self._pack(grads, some.dtype, some.device)
+        mine = flat.new_empty(self.block)
+        _reduce_scatter(mine, flat, group=group)
+        self._unpack_block(mine, grads, my_rank)
+        return (len(self.names_by_owner) - 1) * self.block * flat.element_size()
+
+    def all_gather(self, params: dict[str, torch.Tensor], group, my_rank: int) -> int:
+        """Every rank's owned ``params`` to every rank. Returns the bytes this rank sends on a ring."""
+        if not self.block:
+            return 0
+        some = next(iter(params.values()))
+        mine = torch.zeros(self.block, dtype=some.dtype, device=some.device)
+        offset = 0
+        for name in self.names_by_owner[my_rank]:
+            t = params[name]
+            mine[offset:offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
+        flat = mine.new_empty(self.block * len(self.names_by_owner))
+        _all_gather(flat, mine, group=group)
+        self._unpack(flat, params, [r for r in range(len(self.names_by_owner)) if r != my_rank])
+        return (len(self.names_by_owner) - 1) * self.block * flat.element_size()
+
+    def _unpack_block(self, block: torch.Tensor, tensors: dict[str, torch.Tensor], rank: int) -> None:
+        offset = 0
+        for name in self.names_by_owner[rank]:
+            t = tensors[name]
+            t.copy_(block[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def owner_layouts(params: dict, owner_index: dict[str, int], sizes: dict[str, int]) -> dict[tuple, OwnerLayout]:
+    """(kind, dtype) -> layout of the parameters replicated over ``kind``
+    (groups larger than one rank only), in sorted name order per owner."""
+    layouts = {}
+    for kind, size in sizes.items():
+        if size <= 1:
+            continue
+        for dtype in sorted({p.dtype for p in params.values()}, key=str):
+            names = [n for n in sorted(params) if replica_kind(params[n]) == kind and params[n].dtype == dtype]
+            if not names:
+                continue
+            by_owner = [[n for n in names if owner_index[n] == r] for r in range(size)]
+            layouts[(kind, dtype)] = OwnerLayout(by_owner, lambda n: params[n].numel())
+    return layouts
