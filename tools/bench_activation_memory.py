@@ -23,7 +23,6 @@ equal across the variants, so the figures describe the same work.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import sys
 
@@ -32,7 +31,7 @@ import torch
 from mtrain.config.loading import load_config
 from mtrain.model.moe.layer import MoECarry, MoELayer
 from mtrain.runtime.context import StepContext
-from mtrain.runtime.program import Compute, Recording, backward_steps, drain, forward_steps
+from mtrain.runtime.program import Recording, backward_steps, drain, forward_steps, keeping_exchanged
 from mtrain.testing.memory import LiveTensorMemory, peak_memory, reset_peak_memory
 
 
@@ -54,13 +53,10 @@ def plain(layer: MoELayer, x: torch.Tensor) -> None:
 
 
 def recorded(layer: MoELayer, x: torch.Tensor, release: bool = True) -> None:
-    steps = [s if isinstance(s, Compute) else
-             dataclasses.replace(s, release_sent=release and s.release_sent,
-                                 release_received=release and s.release_received)
-             for s in layer.program()]
-    steps.append(Compute(lambda c, step: c.replace(hidden=layer.output(c)), "output"))
+    steps = layer.standalone_program()
     rec = Recording(StepContext())
-    final = drain(forward_steps(steps, MoECarry(normed=x.clone().requires_grad_(True)), rec))
+    final = drain(forward_steps(steps if release else keeping_exchanged(steps),
+                                MoECarry(normed=x.clone().requires_grad_(True)), rec))
     out = final.hidden
     final = None
     drain(backward_steps(rec, {"hidden": 2 * out.detach()}))  # d(sum(y^2))/dy

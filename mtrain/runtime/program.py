@@ -95,6 +95,13 @@ class Program:
     input: str = "hidden"
 
 
+def keeping_exchanged(steps: list) -> list:
+    """The same steps with every exchange keeping its tensors (no release):
+    what a recording holds without the releases, for measuring them."""
+    return [dataclasses.replace(s, release_sent=False, release_received=False) if isinstance(s, Exchange) else s
+            for s in steps]
+
+
 def run_plain(steps: list, carry: Carry, step: StepContext) -> Carry:
     with step.bound():
         for s in steps:

@@ -1,13 +1,11 @@
 """Activation memory of the step-by-step runtime against plain autograd,
 counted exactly as live tensor bytes (mtrain.testing.memory.LiveTensorMemory)."""
-import dataclasses
-
 import torch
 
 from mtrain.config.loading import load_config
 from mtrain.model.moe.layer import MoECarry, MoELayer
 from mtrain.runtime.context import StepContext
-from mtrain.runtime.program import Compute, Recording, backward_steps, drain, forward_steps
+from mtrain.runtime.program import Recording, backward_steps, drain, forward_steps, keeping_exchanged
 from mtrain.testing.memory import LiveTensorMemory
 
 
@@ -42,13 +40,10 @@ def peak(fn) -> int:
 
 
 def recorded_run(layer, x, release: bool):
-    steps = [s if isinstance(s, Compute) else
-             dataclasses.replace(s, release_sent=release and s.release_sent,
-                                 release_received=release and s.release_received)
-             for s in layer.program()]
-    steps.append(Compute(lambda c, step: c.replace(hidden=layer.output(c)), "output"))
+    steps = layer.standalone_program()
     rec = Recording(StepContext())
-    out = drain(forward_steps(steps, MoECarry(normed=x.clone().requires_grad_(True)), rec)).hidden
+    carry = MoECarry(normed=x.clone().requires_grad_(True))
+    out = drain(forward_steps(steps if release else keeping_exchanged(steps), carry, rec)).hidden
     drain(backward_steps(rec, {"hidden": 2 * out.detach()}))
 
 

@@ -56,10 +56,11 @@ class MoELayer(nn.Module):
         self.recompute = cfg.recompute == "full"
 
     def forward(self, x_norm: torch.Tensor, step: Optional[StepContext] = None) -> torch.Tensor:
-        step = step or StepContext()
-        carry = run_plain(self.program(), MoECarry(normed=x_norm), step)
-        with step.bound():
-            return self.output(carry)
+        return run_plain(self.standalone_program(), MoECarry(normed=x_norm), step or StepContext()).hidden
+
+    def standalone_program(self, name: str = "moe") -> list:
+        """The layer on its own: the routed program, then its output in ``hidden``."""
+        return self.program(name) + [Compute(lambda c, step: c.replace(hidden=self.output(c)), f"{name}.output")]
 
     def program(self, name: str = "moe") -> list:
         """The routed path as steps over an :class:`MoECarry` (``normed`` set)."""
