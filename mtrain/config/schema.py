@@ -41,46 +41,21 @@ class Choice(str, Enum):
         return tuple(m.value for m in cls)
 
 
-# The functional API, since names such as "1f1b" are not identifiers.
-Schedule = Choice("Schedule", [(n, n) for n in ("1f1b", "zb1p", "dualpipe", "dualpipev")],
-                  module=__name__, qualname="Schedule")
+def _choice(name: str, *values: str) -> type[Choice]:
+    # The functional API: member name = value, and names such as "1f1b" are not identifiers.
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-class Dispatcher(Choice):
-    auto = "auto"
-    local = "local"
-    alltoall = "alltoall"
-    deepep = "deepep"
-
-
-class Backend(Choice):
-    auto = "auto"
-    gloo = "gloo"
-    nccl = "nccl"
-
-
-class Recompute(Choice):
-    none = "none"
-    selective = "selective"
-    full = "full"
-
-
-class ScoreFunc(Choice):
-    sigmoid = "sigmoid"
-    softmax = "softmax"
-
-
-class GroupedGemm(Choice):
-    auto = "auto"
-    torch = "torch"
-    grouped_mm = "grouped_mm"
-    triton = "triton"
-
-
-class Dtype(Choice):
-    auto = "auto"  # see resolve_dtype
-    fp32 = "fp32"
-    bf16 = "bf16"
+Schedule = _choice("Schedule", "1f1b", "zb1p", "dualpipe", "dualpipev")
+Dispatcher = _choice("Dispatcher", "auto", "local", "alltoall", "deepep")
+Backend = _choice("Backend", "auto", "gloo", "nccl")
+Recompute = _choice("Recompute", "none", "selective", "full")
+ScoreFunc = _choice("ScoreFunc", "sigmoid", "softmax")
+GroupedGemm = _choice("GroupedGemm", "auto", "torch", "grouped_mm", "triton")
+Dtype = _choice("Dtype", "auto", "fp32", "bf16")  # auto: see resolve_dtype
+LrSchedule = _choice("LrSchedule", "cosine", "wsd", "constant")
+WandbMode = _choice("WandbMode", "offline", "online", "disabled")
+Output = _choice("Output", "text", "json")
 
 
 def resolve_dtype(dtype: str, backend: str) -> str:
@@ -90,23 +65,6 @@ def resolve_dtype(dtype: str, backend: str) -> str:
     if str(dtype) != "auto":
         return str(dtype)
     return "fp32" if str(backend) == "gloo" else "bf16"
-
-
-class LrSchedule(Choice):
-    cosine = "cosine"
-    wsd = "wsd"
-    constant = "constant"
-
-
-class WandbMode(Choice):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-class Output(Choice):
-    text = "text"
-    json = "json"
 
 
 @dataclass

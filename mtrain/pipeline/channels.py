@@ -39,9 +39,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from mtrain.pipeline.instructions import (backward_dest_rank, forward_dest_rank, num_directions,
-                                          stage_rank)
-from mtrain.pipeline.schedule_rules import num_model_stages
+from mtrain.pipeline.instructions import backward_dest_rank, forward_dest_rank
+from mtrain.pipeline.schedule_rules import num_directions, num_model_stages, stage_rank
 
 MessageKey = tuple  # (kind "F" | "B", stage, microbatch, direction): what ``stage`` sends
 

@@ -29,8 +29,7 @@ import json
 from dataclasses import dataclass
 from typing import Iterable, Union
 
-from mtrain.pipeline.schedule_rules import (microbatch_direction, microbatches_of_direction,  # noqa: F401
-                                            num_directions, num_model_stages, stage_rank)
+from mtrain.pipeline.schedule_rules import num_directions, num_model_stages, stage_rank
 
 KINDS = ("F", "B", "I", "W")
 FORWARD, BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT = KINDS

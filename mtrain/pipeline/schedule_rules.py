@@ -137,10 +137,6 @@ def microbatches_of_direction(schedule: str, num_microbatches: int, direction: i
     return range(num_microbatches) if direction == 0 else range(0)
 
 
-def microbatch_direction(schedule: str, num_microbatches: int, microbatch: int) -> int:
-    return 0 if microbatch in microbatches_of_direction(schedule, num_microbatches, 0) else 1
-
-
 def copy_groups(schedule: str, pp: int) -> list[list[int]]:
     """Pipeline positions holding copies of the same stages (each group
     sums its gradients); empty when every stage lives on one rank."""
@@ -173,10 +169,6 @@ class Placement:
     holds_first_stage: bool  # the embedding (and the token input)
     holds_last_stage: bool  # final norm, head, loss and MTP
     embedding_copy: bool  # this schedule's last stage keeps its own copy of the embedding
-
-    @property
-    def stages(self) -> list[int]:
-        return [stage for stage, _ in self.chunk_keys]
 
     def is_first(self, stage: int) -> bool:
         return stage == 0

@@ -22,11 +22,8 @@ from mtrain.pipeline.instructions import (
     dependencies,
     done_key,
     key_label,
-    microbatches_of_direction,
-    num_directions,
-    stage_rank,
 )
-from mtrain.pipeline.schedule_rules import num_model_stages
+from mtrain.pipeline.schedule_rules import microbatches_of_direction, num_directions, num_model_stages, stage_rank
 
 
 class ScheduleError(ValueError):

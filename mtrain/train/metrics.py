@@ -148,6 +148,8 @@ class StepMetrics:
     aux_loss: Optional[float] = None
     mfu: Optional[float] = None
     bubble_pct: Optional[float] = None
+    # MiB rank 0 sent for the replicas' gradient sums and ZeRO-1's weight all-gather (ring count).
+    grad_sync_mb: Optional[float] = None
     expert_load_imbalance: Optional[float] = None  # max over MoE layers
     expert_load_imbalance_per_layer: Optional[dict[str, float]] = None  # MoE layer name -> max/mean
 

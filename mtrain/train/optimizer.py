@@ -38,7 +38,6 @@ class ZeroAdamW:
         self.owned = self.representative if self.zero else set(params)
         self.my_index = my_index
         self.layouts = owner_layouts(params, self.owner_index, sizes) if self.zero else {}
-        self.bytes_gathered = 0  # bytes the last step's all-gathers sent from this rank (ring)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         for name in sorted(self.owned):
             p = params[name]
@@ -52,7 +51,9 @@ class ZeroAdamW:
         return not meta(p).no_decay and p.dim() > 1
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
+    def step(self, lr: float) -> int:
+        """One AdamW update of the owned parameters; returns the bytes this rank
+        sent to return them to their replicas (ZeRO-1)."""
         self.step_count += 1
         beta1, beta2 = self.betas
         bias1 = 1 - beta1 ** self.step_count
@@ -78,15 +79,15 @@ class ZeroAdamW:
         low = [n for n in names if not self._master_is_param(n)]  # fp32: the master is the parameter
         if low:
             torch._foreach_copy_([self.params[n].data for n in low], [self.state[n]["master"] for n in low])
-        if self.zero:
-            self._broadcast_from_owners()
+        return self._gather_from_owners() if self.zero else 0
 
-    def _broadcast_from_owners(self) -> None:
+    def _gather_from_owners(self) -> int:
         """One all-gather per (group, dtype): every owner's updated parameters to all."""
-        self.bytes_gathered = 0
-        for (kind, dtype), layout in sorted(self.layouts.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        sent = 0
+        for (kind, _), layout in sorted(self.layouts.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             tensors = {n: self.params[n].data for names in layout.names_by_owner for n in names}
-            self.bytes_gathered += layout.all_gather(tensors, self.groups.group(kind), self.my_index[kind])
+            sent += layout.all_gather(tensors, self.groups.group(kind), self.my_index[kind])
+        return sent
 
     def reduce_scatter_grads(self, kind: str) -> int:
         """Sum the gradients replicated over ``kind`` into their owners (the

@@ -236,7 +236,7 @@ class Trainer:
             self._write_trace(result.trace)
         with self.phase("gradient reduction"):
             scatter = self.optimizer.reduce_scatter_grads if self.optimizer.zero else None
-            self.grad_bytes = reduce_gradients(self.params, self.groups, self.placement, scatter)
+            sync_bytes = reduce_gradients(self.params, self.groups, self.placement, scatter)
             norm = global_grad_norm(self.params, self.counted, self.optimizer.representative, self.groups)
         losses = self._global_losses(result)
         lr = self.lr.lr(self.step)
@@ -248,7 +248,7 @@ class Trainer:
                 for p in self.params.values():
                     main_grad(p).mul_(scale)
             with self.phase("optimizer step"):
-                self.optimizer.step(lr)
+                sync_bytes += self.optimizer.step(lr)
             loads = self._update_router_bias()
         else:
             self.bad_steps += 1
@@ -272,7 +272,7 @@ class Trainer:
                            cfg.cluster.peak_tflops, self.dtype)
         return {
             "step": self.step, **losses, "grad_norm": float(norm), "lr": lr,
-            **speed, "bubble_pct": bubble_pct,
+            **speed, "bubble_pct": bubble_pct, "grad_sync_mb": sync_bytes / 2**20,
             "peak_memory_gb": peak_memory_bytes() / 2**30, "step_time_s": elapsed, "skipped": not finite,
             "_loads": loads,
         }

@@ -51,51 +51,12 @@ class OwnerLayout:
         self.block = max((sum(numel(n) for n in names) for names in names_by_owner), default=0)
         self.padding = sum(self.block - sum(numel(n) for n in names) for names in names_by_owner)
 
-    def _pack(self, tensors: dict[str, torch.Tensor], dtype, device) -> torch.Tensor:
-        flat = torch.zeros(self.block * len(self.names_by_owner), dtype=dtype, device=device)
-        for rank, names in enumerate(self.names_by_owner):
-            offset = rank * self.block
-            for name in names:
-                t = tensors[name]
-                flat[offset:offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
-        return flat
-
-    def _unpack(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], ranks) -> None:
-        for rank in ranks:
-            offset = rank * self.block
-            for name in self.names_by_owner[rank]:
-                t = tensors[name]
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
-
-    def reduce_scatter(self, grads: dict[str, torch.Tensor], group, my_rank: int) -> int:
-        """Sum ``grads`` over the group into the owners' tensors (others keep
-        their own partial values). Returns the bytes this rank sends on a ring."""
-        if not self.block:
-            return 0
-        some = next(iter(grads.values()))
-        flat = self._pack(grads, some.dtype, some.device)
-        mine = flat.new_empty(self.block)
-        _reduce_scatter(mine, flat, group=group)
-        self._unpack_block(mine, grads, my_rank)
-        return (len(self.names_by_owner) - 1) * self.block * flat.element_size()
-
-    def all_gather(self, params: dict[str, torch.Tensor], group, my_rank: int) -> int:
-        """Every rank's owned ``params`` to every rank. Returns the bytes this rank sends on a ring."""
-        if not self.block:
-            return 0
-        some = next(iter(params.values()))
-        mine = torch.zeros(self.block, dtype=some.dtype, device=some.device)
+    def _pack_block(self, tensors: dict[str, torch.Tensor], rank: int, out: torch.Tensor) -> None:
         offset = 0
-        for name in self.names_by_owner[my_rank]:
-            t = params[name]
-            mine[offset:offset + t.numel()].copy_(t.reshape(-1))
+        for name in self.names_by_owner[rank]:
+            t = tensors[name]
+            out[offset:offset + t.numel()].copy_(t.reshape(-1))
             offset += t.numel()
-        flat = mine.new_empty(self.block * len(self.names_by_owner))
-        _all_gather(flat, mine, group=group)
-        self._unpack(flat, params, [r for r in range(len(self.names_by_owner)) if r != my_rank])
-        return (len(self.names_by_owner) - 1) * self.block * flat.element_size()
 
     def _unpack_block(self, block: torch.Tensor, tensors: dict[str, torch.Tensor], rank: int) -> None:
         offset = 0
@@ -103,6 +64,38 @@ class OwnerLayout:
             t = tensors[name]
             t.copy_(block[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def _ring_bytes(self, element_size: int) -> int:
+        """What one rank sends in a ring reduce-scatter or all-gather of the layout."""
+        return (len(self.names_by_owner) - 1) * self.block * element_size
+
+    def reduce_scatter(self, grads: dict[str, torch.Tensor], group, my_rank: int) -> int:
+        """Sum ``grads`` over the group into the owners' tensors (others keep
+        their own partial values). Returns the bytes this rank sends."""
+        if not self.block:
+            return 0
+        some = next(iter(grads.values()))
+        flat = torch.zeros(self.block * len(self.names_by_owner), dtype=some.dtype, device=some.device)
+        for rank in range(len(self.names_by_owner)):
+            self._pack_block(grads, rank, flat[rank * self.block:(rank + 1) * self.block])
+        mine = flat.new_empty(self.block)
+        _reduce_scatter(mine, flat, group=group)
+        self._unpack_block(mine, grads, my_rank)
+        return self._ring_bytes(flat.element_size())
+
+    def all_gather(self, params: dict[str, torch.Tensor], group, my_rank: int) -> int:
+        """Every rank's owned ``params`` to every rank. Returns the bytes this rank sends."""
+        if not self.block:
+            return 0
+        some = next(iter(params.values()))
+        mine = torch.zeros(self.block, dtype=some.dtype, device=some.device)
+        self._pack_block(params, my_rank, mine)
+        flat = mine.new_empty(self.block * len(self.names_by_owner))
+        _all_gather(flat, mine, group=group)
+        for rank in range(len(self.names_by_owner)):
+            if rank != my_rank:
+                self._unpack_block(flat[rank * self.block:(rank + 1) * self.block], params, rank)
+        return self._ring_bytes(flat.element_size())
 
 
 def owner_layouts(params: dict, owner_index: dict[str, int], sizes: dict[str, int]) -> dict[tuple, OwnerLayout]:

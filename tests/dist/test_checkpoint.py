@@ -24,32 +24,20 @@ from mtrain.testing import run_distributed
 from mtrain.testing.distributed import RankFailure
 from mtrain.train import checkpoint_files
 from mtrain.train.checkpoint import Checkpointer, find_latest
+from mtrain.testing.state import DictState
 from mtrain.train.state import TensorState
 
 SEED = 11
 TIMEOUT = 45
 
 
-class Box:
-    """Per-rank state that is just a dict."""
-
-    def __init__(self, state=None):
-        self.state = state
-
-    def state_dict(self):
-        return dict(self.state)
-
-    def load_state_dict(self, state):
-        self.state = state
-
-
 def save_checkpoint(root, step, tensors, groups, extra, **kwargs):
-    return Checkpointer(root, groups, **kwargs).save(step, {"model": TensorState(tensors)}, {"extra": Box(extra)})
+    return Checkpointer(root, groups, **kwargs).save(step, {"model": TensorState(tensors)}, {"extra": DictState(extra)})
 
 
 def load_checkpoint(path, tensors, groups=None, **kwargs):
     """Fill ``tensors`` in place; the extra dict this rank gets back."""
-    box = Box()
+    box = DictState()
     Checkpointer(path, groups).load(path, {"model": TensorState(tensors)}, {"extra": box}, **kwargs)
     return box.state
 
@@ -191,7 +179,7 @@ def _crash_in_second_save(cfg, world, root):
     groups, params = _rank_params(cfg, world, SEED)
     checkpointer = Checkpointer(root, groups)
     model = {"model": TensorState(params)}
-    checkpointer.save(1, model, {"extra": Box({"step": 1})})
+    checkpointer.save(1, model, {"extra": DictState({"step": 1})})
     with torch.no_grad():
         for p in params.values():
             p.add_(1.0)
@@ -201,7 +189,7 @@ def _crash_in_second_save(cfg, world, root):
             os.kill(os.getpid(), signal.SIGKILL)
 
     checkpoint_files.fault_hook = die
-    checkpointer.save(2, model, {"extra": Box({"step": 2})})
+    checkpointer.save(2, model, {"extra": DictState({"step": 2})})
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
@@ -221,7 +209,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
 def _async_save_rank(cfg, world, root):
     groups, params = _rank_params(cfg, world, SEED)
     checkpointer = Checkpointer(root, groups, async_save=True)
-    handle = checkpointer.save(5, {"model": TensorState(params)}, {"extra": Box({"step": 5})})
+    handle = checkpointer.save(5, {"model": TensorState(params)}, {"extra": DictState({"step": 5})})
     # Training goes on while the save is written: the checkpoint must hold the
     # values at the time of the call.
     with torch.no_grad():

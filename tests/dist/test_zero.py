@@ -45,9 +45,9 @@ def _worker(zero: bool, dtype):
         scatter = opt.reduce_scatter_grads if opt.zero else None
         sent = reduce_gradients(params, groups, place, scatter)
         owned = {n: main_grad(params[n]).clone() for n in opt.owned}
-        opt.step(1e-2)
+        gathered = opt.step(1e-2)
     return {"params": {n: p.detach().float().clone() for n, p in params.items()}, "owned": owned,
-            "sent": sent, "gathered": opt.bytes_gathered}
+            "sent": sent, "gathered": gathered}
 
 
 def test_reduce_scatter_and_all_gather_equal_the_replicated_update():

@@ -10,29 +10,17 @@ from mtrain.train import checkpoint_files
 from mtrain.train.checkpoint import Checkpointer
 from mtrain.train.checkpoint_files import (LATEST, MARKER, CorruptCheckpointError, find_latest, step_dir,
                                            tmp_dir, verify_checkpoint)
+from mtrain.testing.state import DictState
 from mtrain.train.state import TensorState
 
 
-class Box:
-    """Per-rank state that is just a dict."""
-
-    def __init__(self, state=None):
-        self.state = state
-
-    def state_dict(self):
-        return dict(self.state)
-
-    def load_state_dict(self, state):
-        self.state = state
-
-
 def save_checkpoint(root, step, tensors, extra, **kwargs):
-    return Checkpointer(root, **kwargs).save(step, {"model": TensorState(tensors)}, {"extra": Box(extra)})
+    return Checkpointer(root, **kwargs).save(step, {"model": TensorState(tensors)}, {"extra": DictState(extra)})
 
 
 def load_checkpoint(path, tensors):
     """Fill ``tensors`` in place; the saved extra dict."""
-    box = Box()
+    box = DictState()
     Checkpointer(path.parent).load(path, {"model": TensorState(tensors)}, {"extra": box})
     return box.state
 
@@ -176,7 +164,7 @@ def test_saving_a_step_again_replaces_it(tmp_path):
 def test_async_save_finalises_in_the_background(tmp_path):
     tensors = {"w": torch.arange(5.0)}
     checkpointer = Checkpointer(tmp_path, async_save=True)
-    handle = checkpointer.save(4, {"model": TensorState(tensors)}, {"extra": Box({"step": 4})})
+    handle = checkpointer.save(4, {"model": TensorState(tensors)}, {"extra": DictState({"step": 4})})
     tensors["w"].zero_()
     assert handle.wait() == step_dir(tmp_path, 4) == find_latest(tmp_path)
     assert checkpointer.wait() == handle.path  # the checkpointer joins its save in flight too

@@ -15,9 +15,8 @@ from mtrain.pipeline.instructions import (
     next_stage,
     prev_stage,
     schedule_to_json,
-    stage_rank,
 )
-from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, schedule_errors, stages_of_rank
+from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, schedule_errors, stage_rank, stages_of_rank
 from mtrain.pipeline.schedules import SCHEDULES, build_all_ranks, build_schedule, dualpipe, one_f_one_b, zb1p
 from mtrain.pipeline.validate import ScheduleError, validate_schedule
 
