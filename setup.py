@@ -31,7 +31,9 @@ setup(
     ],
     extras_require={
         # triton runs the kernels' tests on CPU under TRITON_INTERPRET=1.
-        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "hydra-submitit-launcher>=1.2", "tensorboard"],
+        # transformers is the reference for DeepSeek-V3's semantics and the HF checkpoint format.
+        "dev": ["pytest>=7", "pytest-timeout", "triton>=3.0", "hydra-submitit-launcher>=1.2", "tensorboard",
+                "transformers>=4.57"],
         "gpu": ["transformer-engine[pytorch]", "triton>=3.0"],
         "tensorboard": ["tensorboard"],
         "slurm": ["hydra-submitit-launcher>=1.2"],

@@ -53,6 +53,7 @@ Recompute = _choice("Recompute", "none", "selective", "full")
 ScoreFunc = _choice("ScoreFunc", "sigmoid", "softmax")
 GroupedGemm = _choice("GroupedGemm", "auto", "torch", "grouped_mm", "triton")
 Dtype = _choice("Dtype", "auto", "fp32", "bf16")  # auto: see resolve_dtype
+GradReduceDtype = _choice("GradReduceDtype", "fp32", "bf16")
 LrSchedule = _choice("LrSchedule", "cosine", "wsd", "constant")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 Output = _choice("Output", "text", "json")
@@ -112,6 +113,9 @@ class ModelConfig:
     # Routed experts' grouped GEMM (docs/kernels.md).
     grouped_gemm: GroupedGemm = GroupedGemm.auto
     recompute: Recompute = Recompute.none  # activation recompute
+    # torch.compile the work between the GEMMs (norms, rope + attention core,
+    # SwiGLU, router); see docs/model.md.
+    compile: bool = False
 
 
 @dataclass
@@ -133,6 +137,8 @@ class ParallelConfig:
     dispatcher: Dispatcher = Dispatcher.auto  # expert dispatcher
     deepep_num_sms: int = 20
     backend: Backend = Backend.auto
+    # bf16: gradient sums over replicas travel and add in bf16: half the bytes, for bf16 rounding of every sum.
+    grad_reduce_dtype: GradReduceDtype = GradReduceDtype.fp32
 
 
 @dataclass

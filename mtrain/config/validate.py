@@ -88,6 +88,10 @@ def _model_errors(m, tp: int, ep: int) -> list[str]:
             errors.append(
                 f"model.n_group={m.n_group} must divide model.num_routed_experts={m.num_routed_experts}"
             )
+        elif m.n_group > 1 and m.num_routed_experts // m.n_group < 2:
+            errors.append(f"model.n_group={m.n_group} leaves one expert per group; a group's score is the sum of "
+                          f"its two best experts' scores, so make n_group at most num_routed_experts / 2 "
+                          f"(or 1 for no groups)")
         elif not 1 <= m.topk_group <= m.n_group:
             errors.append(f"model.topk_group={m.topk_group} must be within 1..model.n_group={m.n_group}")
         elif m.moe_topk < 1 or m.moe_topk > m.topk_group * (m.num_routed_experts // m.n_group):

@@ -21,7 +21,7 @@ one (MLA: 128 against 192 at V3); otherwise torch falls back to a kernel that
 keeps the [S, S] score matrix. So the values are zero-padded to the query/key
 dim and the output sliced back: the same result and gradients (the padded
 columns are zero and carry no gradient), with the fused kernel eligible.
-:func:`attention_core` logs once which form ran.
+:class:`MLAttention` logs once which form runs.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mtrain.model.compiled import compiled
 from mtrain.model.norm import RMSNorm
 from mtrain.model.rope import apply_rope, softmax_scale
 from mtrain.model.tp import (ColumnParallelLinear, Group, ReplicatedLinear, RowParallelLinear, copy_to_tp, divide,
@@ -39,6 +40,10 @@ from mtrain.model.tp import (ColumnParallelLinear, Group, ReplicatedLinear, RowP
 from mtrain.runtime.context import maybe_recompute
 
 log = logging.getLogger(__name__)
+
+# DeepSeek-V3 normalises the q and kv latents with RMSNorm's default epsilon,
+# whatever the model's rms_norm_eps (which the layer norms use).
+LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nn.Module):
@@ -56,14 +61,15 @@ class MLAttention(nn.Module):
         self.compresses_queries = cfg.q_lora_rank > 0
         if self.compresses_queries:
             self.q_a = ReplicatedLinear(hidden, cfg.q_lora_rank, std)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, cfg.compile)
             self.q_b = ColumnParallelLinear(cfg.q_lora_rank, heads * qk_dim, tp_group, std)
         else:
             self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, tp_group, std)
         self.kv_a = ReplicatedLinear(hidden, cfg.kv_lora_rank + self.rope_dim, std)
-        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, cfg.compile)
         self.kv_b = ColumnParallelLinear(cfg.kv_lora_rank, heads * (self.nope_dim + self.v_dim), tp_group, std)
         self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, tp_group, std)
+        self._heads = compiled(attention_heads, cfg.compile)
 
     def _up_project(self, q_in: torch.Tensor, kv_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Norms and up-projections: the part selective recompute recomputes."""
@@ -73,7 +79,6 @@ class MLAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x [B, S, hidden]`` (replicated over TP) -> ``[B, S, hidden]``; ``cos``/``sin`` from ``rope_tables``."""
-        batch, seq, _ = x.shape
         q_in = self.q_a(x) if self.compresses_queries else x
         kv_latent, k_pe = self.kv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         # k_pe feeds only this rank's heads: sum its gradient over the TP ranks.
@@ -81,16 +86,26 @@ class MLAttention(nn.Module):
 
         q, kv = maybe_recompute(self.selective_recompute, self._up_project, q_in, kv_latent)
 
-        heads = self.num_local_heads
-        q_nope, q_pe = q.view(batch, seq, heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        k_nope, v = kv.view(batch, seq, heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe.view(batch, seq, 1, self.rope_dim), cos, sin)
+        _log_attention_form(x.device.type, self.v_dim < self.nope_dim + self.rope_dim, self.v_dim,
+                            self.nope_dim + self.rope_dim)
+        out = self._heads(q, kv, k_pe, cos, sin, self.num_local_heads, self.nope_dim, self.rope_dim, self.v_dim,
+                          self.scale)
+        return self.o_proj(out)
 
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
-        out = attention_core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, heads * self.v_dim))
+
+def attention_heads(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    heads: int, nope_dim: int, rope_dim: int, v_dim: int, scale: float) -> torch.Tensor:
+    """Everything between the up-projections and ``o_proj``: split the heads,
+    rotate the rope parts, causal attention; ``[B, S, heads * v_dim]``."""
+    batch, seq = q.shape[:2]
+    q_nope, q_pe = q.view(batch, seq, heads, -1).split([nope_dim, rope_dim], dim=-1)
+    k_nope, v = kv.view(batch, seq, heads, -1).split([nope_dim, v_dim], dim=-1)
+    q_pe = apply_rope(q_pe, cos, sin)
+    k_pe = apply_rope(k_pe.view(batch, seq, 1, rope_dim), cos, sin)
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
+    out = attention_core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    return out.transpose(1, 2).reshape(batch, seq, heads * v_dim)
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -100,7 +115,6 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     query/key dim so a fused kernel can run."""
     v_dim, qk_dim = v.shape[-1], q.shape[-1]
     pad = pad_values and v_dim < qk_dim
-    _log_attention_form(q.device.type, pad, v_dim, qk_dim)
     if not pad:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, qk_dim - v_dim)), is_causal=True, scale=scale)

@@ -44,11 +44,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.name = f"L{layer_idx}"
         self.full_recompute = cfg.recompute == "full"
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
         self.attn = MLAttention(cfg, groups.tp)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
         if layer_idx < cfg.first_k_dense:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std, cfg.compile)
         else:
             self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp)
 

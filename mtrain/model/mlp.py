@@ -5,14 +5,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mtrain.model.compiled import compiled
 from mtrain.model.tp import ColumnParallelLinear, Group, RowParallelLinear, copy_to_tp
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class DenseMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))``: gate and up split by output features, down by input features."""
 
-    def __init__(self, hidden: int, ffn_hidden: int, tp_group: Group, init_std: float):
+    def __init__(self, hidden: int, ffn_hidden: int, tp_group: Group, init_std: float, compile: bool = False):
         super().__init__()
+        self._act = compiled(swiglu, compile)
         self.tp_group = tp_group
         self.gate = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std)
         self.up = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std)
@@ -20,4 +26,4 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp(x, self.tp_group)  # one gradient all-reduce for both column layers
-        return self.down(F.silu(self.gate.forward_copied(x)) * self.up.forward_copied(x))
+        return self.down(self._act(self.gate.forward_copied(x), self.up.forward_copied(x)))

@@ -60,13 +60,13 @@ class MTPModule(nn.Module):
     def __init__(self, cfg, depth: int, groups: ModelGroups):
         super().__init__()
         self.depth = depth
-        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
+        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
         self.proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, cfg.init_std)
         # Global index past the main layers keeps parameter and step names unique.
         self.layer = DecoderLayer(cfg, cfg.num_layers + depth - 1, groups)
         self.layer.name = f"MTP{depth}"
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
 
 
 class ModelChunk(nn.Module):
@@ -81,7 +81,7 @@ class ModelChunk(nn.Module):
             self.embed = shared_embedding or VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, groups.tp, cfg.init_std)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, groups) for i in layers})
         if is_last:
-            self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
             self.head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, groups.tp, cfg.init_std)
             self.mtp = nn.ModuleList(MTPModule(cfg, k, groups) for k in range(1, cfg.mtp_depth + 1))
 

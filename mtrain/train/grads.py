@@ -14,6 +14,12 @@ buffer; each backward's gradient is added to it as soon as autograd (or a
 deferred W) produces it, so accumulation over micro-batches, the reduction
 over replicas, the norm and the optimizer all work in fp32. fp32 parameters
 keep using ``.grad``.
+
+``parallel.grad_reduce_dtype=bf16`` (Megatron's ``grad_reduce_in_bf16``,
+torchtitan's ``reduce_dtype``) halves the traffic of the sums over replicas:
+each bucket of fp32 gradients is packed into a bf16 buffer, reduced in bf16
+and written back into the fp32 gradients. Accumulation, averaging, norm and
+optimizer stay in fp32.
 """
 from __future__ import annotations
 
@@ -58,27 +64,53 @@ def zero_grads(params: dict) -> None:
             main.zero_()
 
 
-def _all_reduce_bucket(tensors: list[torch.Tensor], group) -> None:
-    flat = _flatten_dense_tensors(tensors)
+REDUCE_DTYPES = ("fp32", "bf16")  # parallel.grad_reduce_dtype
+
+
+def reduce_wire_dtype(grad_dtype: torch.dtype, reduce_dtype: str = "fp32") -> torch.dtype:
+    """The dtype gradients of ``grad_dtype`` are summed over replicas in:
+    their own for ``fp32``; for ``bf16``, bf16 whenever they are wider."""
+    if str(reduce_dtype) not in REDUCE_DTYPES:
+        raise ValueError(f"grad_reduce_dtype={str(reduce_dtype)!r}: choose one of {', '.join(REDUCE_DTYPES)}")
+    if str(reduce_dtype) == "bf16" and grad_dtype.is_floating_point and grad_dtype.itemsize > 2:
+        return torch.bfloat16
+    return grad_dtype
+
+
+def _all_reduce_bucket(tensors: list[torch.Tensor], group, wire: torch.dtype) -> int:
+    """Sum ``tensors`` over ``group`` in one flat ``wire``-dtype buffer; returns its bytes."""
+    if wire == tensors[0].dtype:
+        flat = _flatten_dense_tensors(tensors)
+    else:  # packed straight into the narrower buffer, no full-width copy
+        flat = torch.empty(sum(t.numel() for t in tensors), dtype=wire, device=tensors[0].device)
+        offset = 0
+        for t in tensors:
+            flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
     dist.all_reduce(flat, group=group)
     for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        t.copy_(reduced)
+        t.copy_(reduced)  # back into the (fp32) gradient
+    return flat.numel() * flat.element_size()
 
 
-def reduce_gradients(params: dict, groups, placement, scatter=None) -> int:
+def reduce_gradients(params: dict, groups, placement, scatter=None, reduce_dtype: str = "fp32") -> int:
     """Sum gradients over every replica group (one flat all-reduce per group
     kind), then average over data parallelism: each rank's loss is a mean over
     its own tokens, the global loss is the mean over the dp replicas.
 
-    ``scatter`` (ZeRO-1: the optimizer's ``reduce_scatter_grads``) takes over
-    the ``dp`` and ``expert_dp`` sums, leaving each sum on the parameter's
-    owner only; they run last, after the copies of a stage (whose pairs share
-    a data-parallel index) have been summed. Returns the bytes this rank sends
-    (on a ring).
+    ``scatter`` (ZeRO-1: the optimizer's ``reduce_scatter_grads``, called as
+    ``scatter(kind, reduce_dtype)``) takes over the ``dp`` and ``expert_dp``
+    sums, leaving each sum on the parameter's owner only; they run last, after
+    the copies of a stage (whose pairs share a data-parallel index) have been
+    summed. ``reduce_dtype`` (``parallel.grad_reduce_dtype``): the dtype the
+    sums are computed and sent in, see :func:`reduce_wire_dtype`; the division
+    by dp follows, as always, in the gradients' own dtype. Returns the bytes
+    this rank sends (on a ring).
     """
     for p in params.values():
         if main_grad(p) is None:
             p.grad = torch.zeros_like(p)
+    reduce_wire_dtype(torch.float32, reduce_dtype)  # an unknown name fails here, even on one rank
     if groups is None:
         return 0
     buckets: dict[tuple[str, torch.dtype], list[torch.Tensor]] = defaultdict(list)
@@ -93,13 +125,13 @@ def reduce_gradients(params: dict, groups, placement, scatter=None) -> int:
     for kind, dtype in order:
         if scatter is not None and kind in replica_kinds:
             if kind not in scattered:
-                sent += scatter(kind)
+                sent += scatter(kind, reduce_dtype)
                 scattered.add(kind)
             continue
         grads = buckets[(kind, dtype)]
-        _all_reduce_bucket(grads, groups.group(kind))
+        nbytes = _all_reduce_bucket(grads, groups.group(kind), reduce_wire_dtype(dtype, reduce_dtype))
         n = groups.size(kind)  # a ring all-reduce sends 2(n-1)/n of the data
-        sent += 2 * (n - 1) * sum(g.numel() * g.element_size() for g in grads) // n
+        sent += 2 * (n - 1) * nbytes // n
     dp = groups.size("dp")
     if dp > 1:
         for p in params.values():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mtrain.model.params import meta
-from mtrain.train.grads import main_grad, zero_grads
+from mtrain.train.grads import main_grad, reduce_wire_dtype, zero_grads
 from mtrain.train.zero import assign_owners, owner_layouts, replica_kind
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -89,14 +89,17 @@ class ZeroAdamW:
             sent += layout.all_gather(tensors, self.groups.group(kind), self.my_index[kind])
         return sent
 
-    def reduce_scatter_grads(self, kind: str) -> int:
+    def reduce_scatter_grads(self, kind: str, reduce_dtype: str = "fp32") -> int:
         """Sum the gradients replicated over ``kind`` into their owners (the
-        others keep partial sums, which nothing reads). Returns bytes sent."""
+        others keep partial sums, which nothing reads), in ``reduce_dtype``
+        (``parallel.grad_reduce_dtype``, see :func:`reduce_wire_dtype`).
+        Returns bytes sent."""
         sent = 0
         for (k, _), layout in sorted(self.layouts.items(), key=lambda kv: str(kv[0][1])):
             if k == kind:
                 grads = {n: main_grad(self.params[n]) for names in layout.names_by_owner for n in names}
-                sent += layout.reduce_scatter(grads, self.groups.group(kind), self.my_index[kind])
+                wire = reduce_wire_dtype(next(iter(grads.values())).dtype, reduce_dtype)
+                sent += layout.reduce_scatter(grads, self.groups.group(kind), self.my_index[kind], wire)
         return sent
 
     def zero_grad(self) -> None:

@@ -236,7 +236,8 @@ class Trainer:
             self._write_trace(result.trace)
         with self.phase("gradient reduction"):
             scatter = self.optimizer.reduce_scatter_grads if self.optimizer.zero else None
-            sync_bytes = reduce_gradients(self.params, self.groups, self.placement, scatter)
+            sync_bytes = reduce_gradients(self.params, self.groups, self.placement, scatter,
+                                          cfg.parallel.grad_reduce_dtype)
             norm = global_grad_norm(self.params, self.counted, self.optimizer.representative, self.groups)
         losses = self._global_losses(result)
         lr = self.lr.lr(self.step)

@@ -38,9 +38,14 @@ def assign_owners(params: dict, group_sizes: dict[str, int]) -> dict[str, int]:
     return owners
 
 
-# torch renamed the tensor forms (``*_into_tensor`` -> ``*_single``); use what this torch has.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch renamed the tensor forms (``*_into_tensor`` -> ``*_single``); use what this torch has,
+# looked up at each call (so a wrapper installed later, e.g. mtrain.testing.devices, sees it).
+def _reduce_scatter(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
+
+
+def _all_gather(*args, **kwargs):
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
 
 
 class OwnerLayout:
@@ -69,13 +74,17 @@ class OwnerLayout:
         """What one rank sends in a ring reduce-scatter or all-gather of the layout."""
         return (len(self.names_by_owner) - 1) * self.block * element_size
 
-    def reduce_scatter(self, grads: dict[str, torch.Tensor], group, my_rank: int) -> int:
+    def reduce_scatter(self, grads: dict[str, torch.Tensor], group, my_rank: int,
+                       dtype: torch.dtype | None = None) -> int:
         """Sum ``grads`` over the group into the owners' tensors (others keep
-        their own partial values). Returns the bytes this rank sends."""
+        their own partial values). ``dtype``: the buffer the sum is packed,
+        sent and computed in (bf16 for ``parallel.grad_reduce_dtype=bf16``),
+        written back into ``grads``; default theirs. Returns the bytes this
+        rank sends."""
         if not self.block:
             return 0
         some = next(iter(grads.values()))
-        flat = torch.zeros(self.block * len(self.names_by_owner), dtype=some.dtype, device=some.device)
+        flat = torch.zeros(self.block * len(self.names_by_owner), dtype=dtype or some.dtype, device=some.device)
         for rank in range(len(self.names_by_owner)):
             self._pack_block(grads, rank, flat[rank * self.block:(rank + 1) * self.block])
         mine = flat.new_empty(self.block)

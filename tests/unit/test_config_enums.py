@@ -47,6 +47,7 @@ def test_every_choice_is_named_by_its_value():
 def test_schema_choices_match_the_packages_that_use_them():
     from mtrain.model.moe.gemm_backends import KINDS
     from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES
+    from mtrain.train.grads import REDUCE_DTYPES
     from mtrain.train.lr import LR_SCHEDULES
     from mtrain.train.reporting import WANDB_MODES
 
@@ -55,6 +56,7 @@ def test_schema_choices_match_the_packages_that_use_them():
     assert fields["model.grouped_gemm"].values() == KINDS
     assert fields["train.lr_schedule"].values() == LR_SCHEDULES
     assert fields["logging.wandb_mode"].values() == WANDB_MODES
+    assert fields["parallel.grad_reduce_dtype"].values() == REDUCE_DTYPES
 
 
 def test_bad_choice_names_the_field_the_value_and_the_choices():
@@ -64,6 +66,22 @@ def test_bad_choice_names_the_field_the_value_and_the_choices():
         "parallel.schedule='gpipe' is not a valid choice; choose one of 1f1b, zb1p, dualpipe, dualpipev",
         "parallel.backend=1 is not a valid choice; choose one of auto, gloo, nccl",
     ]
+
+
+def test_grad_reduce_dtype_is_fp32_or_bf16_and_fp16_is_one_clear_error():
+    from mtrain.config.schema import GradReduceDtype
+
+    assert load_config().parallel.grad_reduce_dtype is GradReduceDtype.fp32  # the default
+    assert load_config(["parallel.grad_reduce_dtype=bf16"]).parallel.grad_reduce_dtype is GradReduceDtype.bf16
+    message = "parallel.grad_reduce_dtype='fp16' is not a valid choice; choose one of fp32, bf16"
+    assert override_errors(["parallel.grad_reduce_dtype=fp16"]) == [message]
+    with pytest.raises(ConfigError) as info:
+        load_config(["parallel.grad_reduce_dtype=fp16"])
+    assert info.value.errors == [message]
+    # A Config built in code bypasses OmegaConf's enum check; the rule still fires once.
+    cfg = OmegaConf.to_object(load_config())
+    cfg.parallel.grad_reduce_dtype = "fp16"
+    assert config_errors(cfg) == [message]
 
 
 def test_train_cli_reports_a_bad_choice_once_and_exits_2():

@@ -88,3 +88,39 @@ def test_loads_are_counted():
     r = router(x)
     assert router.load.sum().item() == 10 * cfg.moe_topk
     assert torch.equal(router.load, torch.bincount(r.topk_idx.flatten(), minlength=cfg.num_routed_experts).float())
+
+
+# --- against transformers' DeepSeek-V3 router -----------------------------------------------
+
+@pytest.mark.parametrize("experts,n_group,topk_group,topk,norm", [
+    (16, 4, 1, 4, True),  # one group holds all four: a group's score is still its two best
+    (16, 4, 2, 1, True),  # top-1: the gate is normalised to 1 (times the scaling), as V3's
+    (16, 4, 2, 1, False),
+    (32, 8, 4, 8, True),  # V3's ratios at a small scale
+    (12, 3, 2, 3, False),
+    (8, 1, 1, 2, True),  # no groups
+])
+def test_routing_matches_transformers_deepseek_v3(experts, n_group, topk_group, topk, norm):
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from mtrain.model.hf import hf_config
+
+    router, cfg = make_router(num_routed_experts=experts, n_group=n_group, topk_group=topk_group, moe_topk=topk,
+                              norm_topk_prob=norm, routed_scaling_factor=2.5)
+    gen = torch.Generator().manual_seed(experts + topk)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5, generator=gen)
+        router.expert_bias.copy_(torch.randn(experts, generator=gen) * 0.05)
+    reference = DeepseekV3TopkRouter(hf_config(cfg))
+    reference.weight.data.copy_(router.weight.data)
+    reference.e_score_correction_bias.copy_(router.expert_bias)
+    x = torch.randn(300, cfg.hidden_size, generator=gen)
+
+    ours = router(x)
+    _, ref_weights, ref_idx = reference(x)
+    # transformers returns the top-k unsorted: compare each token's experts as sorted pairs.
+    order, ref_order = ours.topk_idx.argsort(-1), ref_idx.argsort(-1)
+    assert torch.equal(ours.topk_idx.gather(1, order), ref_idx.gather(1, ref_order))
+    torch.testing.assert_close(ours.topk_weights.gather(1, order), ref_weights.gather(1, ref_order),
+                               rtol=1e-6, atol=1e-7)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from mtrain.model.compiled import compiled, rows_vary
+from mtrain.model.mlp import swiglu
 from mtrain.model.moe.gemm_backends import grouped_gemm_backend
 from mtrain.model.params import tag
 from mtrain.runtime.context import current_step
@@ -48,8 +49,10 @@ class GroupedExperts(nn.Module):
     expert_tp > 1, ``ffn`` is this rank's slice of the expert width: gate/up
     are split along dim 1, down along dim 2, and the output is a partial sum."""
 
-    def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float, grouped_gemm: str = "auto"):
+    def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float, grouped_gemm: str = "auto",
+                 compile: bool = False):
         super().__init__()
+        self._act = compiled(swiglu, compile)
         grouped_gemm_backend(grouped_gemm)  # fail at construction, not at the first step
         self.grouped_gemm = grouped_gemm
         self.gate = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True, shard_dim=1,
@@ -63,5 +66,6 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         counts, gemm = tokens_per_expert, self.grouped_gemm
-        act = F.silu(grouped_linear(x, self.gate, counts, gemm)) * grouped_linear(x, self.up, counts, gemm)
+        act = self._act(rows_vary(grouped_linear(x, self.gate, counts, gemm)),
+                        rows_vary(grouped_linear(x, self.up, counts, gemm)))
         return grouped_linear(act, self.down, counts, gemm)

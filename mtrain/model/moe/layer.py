@@ -49,9 +49,10 @@ class MoELayer(nn.Module):
         self.expert_tp_group = expert_tp_group if expert_tp > 1 else None
         self.router = Router(cfg, cfg.init_std)
         self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size,
-                                      cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm)
-        self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std)
-                       if cfg.num_shared_experts else None)
+                                      cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm,
+                                      cfg.compile)
+        self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std,
+                                cfg.compile) if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)
         self.recompute = cfg.recompute == "full"
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mtrain.model.compiled import compiled
 from mtrain.model.params import tag
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -30,6 +31,54 @@ class _AttachAuxLoss(torch.autograd.Function):
 def attach_aux_loss(x: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale``: the main loss's factor (1/micro-batches), so both train alike."""
     return _AttachAuxLoss.apply(x, aux_loss, scale)
+
+
+def router_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> torch.Tensor:
+    """Expert affinities [T, E], in fp32."""
+    logits = F.linear(x.float(), weight.float())
+    return logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+
+
+def select_experts(scores: torch.Tensor, bias: torch.Tensor, topk: int, n_group: int, topk_group: int) -> torch.Tensor:
+    """Top-k expert ids [T, k] of ``scores + bias`` (the bias steers selection
+    only). With groups, as DeepSeek-V3: a group's score is the sum of its two
+    highest biased scores, and only the ``topk_group`` best groups compete."""
+    biased = scores.detach() + bias
+    if n_group > 1:
+        tokens = biased.shape[0]
+        grouped = biased.view(tokens, n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        kept = group_scores.topk(topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        biased = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(tokens, -1)
+    return biased.topk(topk, dim=-1).indices
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, topk: int, n_group: int, topk_group: int,
+          score_func: str, norm_topk_prob: bool, scaling: float):
+    """``(expert ids [T, k], gates [T, k] in x's dtype, scores [T, E])`` for tokens ``x`` [T, H].
+    Gates are the unbiased scores of the chosen experts; normalised to sum to
+    one when ``norm_topk_prob`` (top-1 included, as DeepSeek-V3's gate does),
+    then scaled by the routed scaling factor."""
+    scores = router_scores(x, weight, score_func)
+    idx = select_experts(scores, bias, topk, n_group, topk_group)
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return idx, (weights * scaling).to(x.dtype), scores
+
+
+def sequence_aux_loss(scores: torch.Tensor, idx: torch.Tensor, batch_size: int, topk: int,
+                      alpha: float) -> torch.Tensor:
+    """alpha * sum_i f_i * P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
+    tokens, experts = scores.shape
+    seq = tokens // batch_size
+    probs = scores / scores.sum(-1, keepdim=True)
+    p = probs.view(batch_size, seq, experts).mean(1)
+    counts = torch.zeros(batch_size, experts, device=probs.device)
+    counts.scatter_add_(1, idx.view(batch_size, -1), torch.ones(batch_size, seq * topk, device=probs.device))
+    f = counts * experts / (topk * seq)
+    return alpha * (f * p).sum(-1).mean()
 
 
 @dataclass
@@ -56,46 +105,27 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))
         # Tokens routed to each expert since the last bias update (this rank only).
         self.register_buffer("load", torch.zeros(self.num_experts), persistent=False)
+        self._route = compiled(route, cfg.compile)
+        self._aux_loss = compiled(sequence_aux_loss, cfg.compile)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.float(), self.weight.float())
-        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(-1)
+        return router_scores(x, self.weight, self.score_func)
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Top-k expert ids under group-limited routing; the bias steers selection only."""
-        biased = scores.detach() + self.expert_bias
-        tokens = biased.shape[0]
-        if self.n_group > 1:
-            grouped = biased.view(tokens, self.n_group, -1)
-            per_group = max(1, self.topk // self.topk_group)
-            group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)
-            kept = group_scores.topk(self.topk_group, dim=-1).indices
-            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-            biased = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(tokens, -1)
-        return biased.topk(self.topk, dim=-1).indices
+        return select_experts(scores, self.expert_bias, self.topk, self.n_group, self.topk_group)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route ``x`` [T, H] (T = batch_size * seq tokens, sequence-major)."""
-        scores = self.scores(x)
-        idx = self.select(scores)
-        weights = scores.gather(1, idx)
-        if self.norm_topk_prob and self.topk > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        weights = weights * self.scaling
+        idx, weights, scores = self._route(x, self.weight, self.expert_bias, self.topk, self.n_group,
+                                           self.topk_group, self.score_func, self.norm_topk_prob, self.scaling)
         with torch.no_grad():
             self.load.index_add_(0, idx.flatten(), torch.ones(idx.numel(), dtype=self.load.dtype, device=idx.device))
-        return Routing(idx, weights.to(x.dtype), scores)
+        return Routing(idx, weights, scores)
 
     def sequence_aux_loss(self, routing: Routing, batch_size: int) -> torch.Tensor:
         """alpha * sum_i f_i * P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
-        tokens, experts = routing.scores.shape
-        seq = tokens // batch_size
-        probs = routing.scores / routing.scores.sum(-1, keepdim=True)
-        p = probs.view(batch_size, seq, experts).mean(1)
-        counts = torch.zeros(batch_size, experts, device=probs.device)
-        counts.scatter_add_(1, routing.topk_idx.view(batch_size, -1), torch.ones(batch_size, seq * self.topk, device=probs.device))
-        f = counts * experts / (self.topk * seq)
-        return self.aux_alpha * (f * p).sum(-1).mean()
+        return self._aux_loss(routing.scores, routing.topk_idx, batch_size, self.topk, self.aux_alpha)
 
     @torch.no_grad()
     def update_bias(self, global_load: torch.Tensor, speed: float) -> None:
