@@ -26,6 +26,10 @@ Rows (each step has its own time limit; a failure is a row, not a crash):
   mtrain's own counter.
 - ``activation memory``: one MoE layer recorded by the pipeline runtime
   against plain autograd (``tools/bench_activation_memory.py``).
+- ``compile <row>``: ``tools/bench_compile.py`` (model ``small``, bf16):
+  mtrain eager and ``model.compile=true``, and HF ``DeepseekV3ForCausalLM``
+  eager and compiled when ``transformers`` is there; tokens/s, graphs,
+  graph breaks, recompilations.
 - ``gpu tests``: ``pytest tests/gpu``.
 - ``train small bf16``: ``mtrain-train`` on one GPU (model ``small``,
   ``train.dtype=auto``), checkpoint, then resume: tokens/s, TFLOP/s, MFU,
@@ -182,6 +186,25 @@ def activation_memory_row(args) -> None:
     row("activation memory, one MoE layer", "ok" if ratio <= 1.03 else "over 3 %", "; ".join(parts))
 
 
+def compile_rows(args) -> None:
+    import importlib.util
+
+    rows = "mtrain,mtrain-compiled" + (",hf,hf-compiled" if importlib.util.find_spec("transformers") else "")
+    shape = (["--model", "small", "--dtype", "bf16", "--seq", "1024", "--batch", "4"] if args.device == "cuda"
+             else ["--model", "tiny", "--seq", "32", "--steps", "2"])
+    cmd = [sys.executable, "tools/bench_compile.py", "--device", args.device, "--rows", rows, *shape]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.test_timeout)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip()[-300:])
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| mtrain") or line.startswith("| hf"):
+            name, _, step, tokens, ratio, graphs, breaks, recompiles, _ = cells
+            broken = name == "mtrain-compiled" and (breaks != "0" or recompiles != "0")
+            row(f"compile, {name}", "FAILED" if broken else "ok", f"{tokens} tokens/s ({step} s/step, {ratio} HF eager); graphs {graphs}, "
+                               f"breaks {breaks}, recompiles {recompiles}")
+
+
 def gpu_tests_row(args) -> None:
     if args.device != "cuda":
         row("gpu tests", "skipped", "dry run")
@@ -257,6 +280,7 @@ def main(argv=None) -> int:
     attempt("grouped GEMM", grouped_gemm_rows, args, dense)
     attempt("host syncs, one MoE layer", host_sync_row, args)
     attempt("activation memory, one MoE layer", activation_memory_row, args)
+    attempt("compile", compile_rows, args)
     attempt("gpu tests", gpu_tests_row, args)
     attempt("train small", train_rows, args)
     width = max(len(c) for c, _, _ in ROWS)
