@@ -14,7 +14,9 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.04-py3
 FROM ${BASE_IMAGE}
 
-ARG DEEPEP_REF=main
+# mtrain's deepep dispatcher speaks DeepEP's v1 API (deep_ep.Buffer with get_dispatch_layout,
+# dispatch, combine); DeepEP 2 replaced it with ElasticBuffer, so pin a v1 release.
+ARG DEEPEP_REF=v1.2.1
 ARG TORCH_CUDA_ARCH_LIST=9.0
 ENV TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
     PIP_NO_CACHE_DIR=1 \

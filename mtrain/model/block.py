@@ -84,4 +84,4 @@ class DecoderLayer(nn.Module):
 
     def _moe_output_step(self, c: LayerCarry, step: StepContext) -> LayerCarry:
         y = self.mlp.output(c)
-        return c.replace(hidden=c.hidden + y, normed=None, rows=None, gates=None, plan=None)
+        return c.replace(hidden=c.hidden + y, normed=None, rows=None, plan=None)

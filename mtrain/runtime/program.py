@@ -5,7 +5,7 @@ A layer (or a whole model chunk) is written as steps: :class:`Compute`
 (an exchange of one carry field, e.g. the MoE dispatch or combine all-to-all,
 whose gradient is its transpose). A carry is a small dataclass naming what
 flows between the steps of one layer kind (an MoE carry holds the hidden
-state, the normed input, the rows on the wire, their gates and the dispatch
+state, the normed input, the rows on the wire and the dispatch
 plan). The same program runs three ways:
 
 - :func:`run_plain`: sequentially under autograd, exchanges synchronous. This

@@ -43,8 +43,10 @@ def recorded_run(layer, x, release: bool):
     steps = layer.standalone_program()
     rec = Recording(StepContext())
     carry = MoECarry(normed=x.clone().requires_grad_(True))
-    out = drain(forward_steps(steps if release else keeping_exchanged(steps), carry, rec)).hidden
-    drain(backward_steps(rec, {"hidden": 2 * out.detach()}))
+    # Like the plain run, keep no reference to the output or its gradient here:
+    # what the backward needs of them, the recording holds.
+    drain(backward_steps(rec, {"hidden": 2 * drain(forward_steps(steps if release else keeping_exchanged(steps),
+                                                                 carry, rec)).hidden.detach()}))
 
 
 def test_recorded_moe_layer_stays_within_3_percent_of_plain_autograd():
@@ -58,8 +60,9 @@ def test_recorded_moe_layer_stays_within_3_percent_of_plain_autograd():
     layer.zero_grad(set_to_none=True)
     keeping = peak(lambda: recorded_run(layer, x, release=False))
     assert recorded <= 1.03 * plain, (recorded, plain)
-    # Without releasing the exchanged rows the recording holds a [tokens * top-k, hidden] tensor more.
-    assert keeping - recorded >= 1024 * 8 * 256 * 4, (keeping, recorded)
+    # Without releasing the exchanged tensors the recording holds two [tokens, hidden] more:
+    # the received tokens (with their gates) and the combined rows.
+    assert keeping - recorded >= 2 * 1024 * 256 * 4, (keeping, recorded)
 
 
 def test_the_plans_activation_estimate_is_within_15_percent_of_the_measured_forward():

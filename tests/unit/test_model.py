@@ -1,10 +1,11 @@
 """The whole model on one rank: program paths agree, MTP targets, deferred W."""
+import pytest
 import torch
 
 from mtrain.config.loading import load_config
 from mtrain.model.model import ModelChunk, initialize
-from mtrain.model.moe.deepep import regroup_received
-from mtrain.model.moe.dispatch import Dispatcher
+from mtrain.model.moe.deepep import config_errors as deepep_config_errors
+from mtrain.model.moe.dispatch import Dispatcher, DispatchPlan
 from mtrain.runtime.context import StepContext
 from mtrain.runtime.runner import ChunkRunner
 
@@ -96,20 +97,34 @@ def test_local_dispatch_round_trip_weights_and_order():
     plan = d.plan(idx)
     assert plan.tokens_per_expert == [2, 1, 2, 1]
     x = torch.arange(3.0).unsqueeze(1)
-    rows = d.regroup(d.permute(x, plan), plan)
+    w = torch.tensor([[0.5, 0.25], [1.0, 2.0], [3.0, 4.0]])
+    rows, gates = d.expand(d.pack(x, w, plan), plan)
     # Rows grouped by expert: expert 0 gets tokens 0, 2; expert 1 token 1; expert 2 tokens 0, 1; expert 3 token 2.
     assert rows.flatten().tolist() == [0, 2, 1, 0, 1, 2]
-    w = torch.tensor([[0.5, 0.25], [1.0, 2.0], [3.0, 4.0]])
-    y = d.unpermute(d.unregroup(rows * 10, plan), w, plan)
+    assert gates.flatten().tolist() == [0.25, 4.0, 1.0, 0.5, 2.0, 3.0]
+    y = d.unpack(d.reduce(rows * 10, gates, plan), plan)
     assert y.flatten().tolist() == [0 * 7.5, 10 * 3.0, 20 * 7.0]
 
 
-def test_deepep_received_rows_regrouped_by_local_expert():
-    order, counts = regroup_received(torch.tensor([[1], [0], [1], [2], [0]]), num_local=3)
-    assert order.tolist() == [1, 4, 0, 2, 3] and counts == [2, 2, 1]
-    import pytest
-    with pytest.raises(ValueError, match="does not hold"):
-        regroup_received(torch.tensor([0, 3]), num_local=3)
+def test_received_tokens_expand_to_their_own_slots_expert_major():
+    """What DeepEP hands a receiver (and the alltoall plan builds): per received
+    token, the local expert of each slot, -1 where another rank serves it."""
+    plan = DispatchPlan(topk=2, num_tokens=0, dispatch_op=None, combine_op=None)
+    ids = torch.tensor([[1, -1], [0, 2], [-1, 1], [0, -1]])
+    plan.expand_received(ids, num_local=3, tokens_per_expert=[2, 2, 1])
+    assert plan.row_token.tolist() == [1, 3, 0, 2, 1]  # expert 0: tokens 1, 3; expert 1: 0, 2; expert 2: 1
+    assert plan.row_slot.tolist() == [2, 6, 0, 5, 3]
+    received = torch.tensor([[10.0, 0.1, 0.9], [20.0, 0.2, 0.8], [30.0, 0.3, 0.7], [40.0, 0.4, 0.6]])
+    rows, gates = Dispatcher.expand(received, plan)
+    assert rows.flatten().tolist() == [20.0, 40.0, 10.0, 30.0, 20.0]
+    assert gates.flatten().tolist() == pytest.approx([0.2, 0.4, 0.1, 0.7, 0.8])
+
+
+def test_deepep_refuses_what_it_cannot_do():
+    assert deepep_config_errors(8, "bf16") == []
+    errors = deepep_config_errors(1, "fp32") + deepep_config_errors(6, "bf16")
+    assert len(errors) == 3
+    assert "parallel.ep > 1" in errors[0] and "train.dtype=fp32" in errors[1] and "not 6" in errors[2]
 
 
 def test_parameter_count_formula_matches_the_module():

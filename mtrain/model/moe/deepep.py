@@ -1,11 +1,25 @@
 """The ``deepep`` dispatcher: DeepEP's ``Buffer`` (GPU only, imported lazily).
 
-Every (token, slot) row is dispatched as its own top-1 token, so received rows
-map to exactly one local expert and the gate weights are applied at the
-source after the combine, as in the alltoall backend. This trades DeepEP's
-per-rank token de-duplication (less traffic) for identical numerics and one
-code path for the weights; the exchange itself, its async events and its
-comm-stream allocation are DeepEP's.
+DeepEP speaks the token-level scheme of :mod:`mtrain.model.moe.dispatch`
+natively: ``dispatch`` takes the tokens with their top-k expert ids and
+weights, sends each token once to every rank (and, across nodes, once per
+node over RDMA, then on over NVLink) that holds one of its experts, and hands
+the receiver the local expert id of each slot (-1 where another rank serves
+it) with the weights; ``combine`` sums the rows each rank returns per token.
+The gates travel as DeepEP's ``topk_weights`` (fp32), and their gradients
+come back through ``combine``'s; the hidden states travel in bf16.
+
+One ``Buffer`` per EP group serves every MoE layer, sized from DeepEP's own
+size hints for the model's hidden size (NVLink bytes, and RDMA bytes beyond
+one node); the SM budget is ``parallel.deepep_num_sms``. Every exchange runs
+on DeepEP's communication stream (``allocate_on_comm_stream``,
+``async_finish``) after an event captured on the compute stream, and the
+compute stream waits on its event only when the result is needed, so the
+other micro-batch's compute overlaps it.
+
+Written against DeepEP's v1 Python API (``deep_ep.Buffer`` with
+``get_dispatch_layout`` / ``dispatch`` / ``combine``); the Dockerfile pins a
+release that has it.
 """
 from __future__ import annotations
 
@@ -20,6 +34,9 @@ _INSTALL_HINT = (
     "the deepep dispatcher needs the deep_ep package (DeepEP, built against NVSHMEM; see the Dockerfile) "
     "and CUDA; install it or set parallel.dispatcher=alltoall"
 )
+# EP sizes DeepEP has tuned configs for (intranode up to 8 NVLink peers, internode beyond).
+SUPPORTED_EP_SIZES = (2, 4, 8, 16, 24, 32, 64, 128, 144, 160)
+NVL_PEERS = 8
 
 
 def available() -> bool:
@@ -37,90 +54,124 @@ def import_deep_ep():
         raise ImportError(_INSTALL_HINT) from e
 
 
-def regroup_received(recv_local_expert: torch.Tensor, num_local: int) -> tuple[torch.Tensor, list[int]]:
-    """Received rows carry their local expert id ([R] or [R, 1]); return the
-    expert-major order of the rows and the row count of every local expert."""
-    ids = recv_local_expert.reshape(-1)
-    if (ids < 0).any() or (ids >= num_local).any():
-        raise ValueError("received a row for an expert this rank does not hold")
-    return torch.argsort(ids, stable=True), torch.bincount(ids, minlength=num_local).tolist()
+def config_errors(ep: int, dtype: str) -> list[str]:
+    """What DeepEP cannot do with this layout and dtype (``train.dtype`` resolved)."""
+    errors = []
+    if ep == 1:
+        errors.append("parallel.dispatcher=deepep needs parallel.ep > 1 (with ep=1 nothing is exchanged: use auto)")
+    elif ep not in SUPPORTED_EP_SIZES:
+        errors.append(f"parallel.dispatcher=deepep supports parallel.ep in {', '.join(map(str, SUPPORTED_EP_SIZES))}"
+                      f", not {ep}; use parallel.dispatcher=alltoall")
+    if dtype != "bf16":
+        errors.append(f"parallel.dispatcher=deepep sends bf16 (its combine is bf16 only); train.dtype={dtype}: "
+                      f"set train.dtype=bf16 or parallel.dispatcher=alltoall")
+    return errors
 
 
-class _DeepEPDispatchOp(CommOp):
-    def __init__(self, dispatcher: "DeepEPDispatcher", plan: DispatchPlan, layout, row_experts):
-        self.d, self.plan, self.layout, self.row_experts = dispatcher, plan, layout, row_experts
+_BUFFERS: dict = {}  # one per EP group, like the group's communicators: shared by every layer
+
+
+def shared_buffer(deep_ep, group, hidden: int):
+    """The group's buffer, (re)built large enough for ``hidden`` bf16 channels."""
+    ranks = group.size()
+    hidden_bytes = hidden * 2
+    configs = (deep_ep.Buffer.get_dispatch_config(ranks), deep_ep.Buffer.get_combine_config(ranks))
+    nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, ranks) for c in configs)
+    rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, ranks) for c in configs) if ranks > NVL_PEERS else 0
+    key = id(group)
+    buffer, sizes = _BUFFERS.get(key, (None, (0, 0)))
+    if buffer is None or nvl > sizes[0] or rdma > sizes[1]:
+        buffer = deep_ep.Buffer(group, max(nvl, sizes[0]), max(rdma, sizes[1]))
+        _BUFFERS[key] = (buffer, (max(nvl, sizes[0]), max(rdma, sizes[1])))
+    return buffer
+
+
+def _waited(event, build):
+    """A finish step: make the compute stream wait on ``event``, then ``build``."""
+    def finish(_):
+        event.current_stream_wait()
+        return build()
+    return finish
+
+
+class _DispatchOp(CommOp):
+    """Tokens with their gates ([T, H + k]) -> received tokens with their gates ([N, H + k])."""
+
+    def __init__(self, d: "DeepEPDispatcher", plan: DispatchPlan, topk_idx: torch.Tensor, layout):
+        self.d, self.plan, self.topk_idx, self.layout = d, plan, topk_idx, layout
         self.handle = None
 
     def start(self, rows):
-        buffer = self.d.buffer
-        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank = self.layout
-        recv, recv_idx, _, counts, handle, event = buffer.dispatch(
-            rows, topk_idx=self.row_experts, topk_weights=torch.ones_like(self.row_experts, dtype=torch.float32),
-            num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
-            is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
-            previous_event=self.d.capture(), async_finish=True, allocate_on_comm_stream=True,
-        )
-        self.handle = handle
+        k = self.plan.topk
+        x, gates = rows[:, :-k].contiguous(), rows[:, -k:].float().contiguous()
+        per_rank, per_rdma_rank, per_expert, in_rank = self.layout
+        recv_x, recv_idx, recv_gates, counts, self.handle, event = self.d.buffer.dispatch(
+            x, topk_idx=self.topk_idx, topk_weights=gates, num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            previous_event=self.d.capture(), async_finish=True, allocate_on_comm_stream=True)
 
-        def finish(out):
-            event.current_stream_wait()
-            self.plan.regroup, _ = regroup_received(recv_idx, self.d.num_local)
-            self.plan.inverse_regroup = torch.argsort(self.plan.regroup)
-            self.plan.tokens_per_expert = list(counts)
-            return out
-
-        return Pending(recv, finish=finish)
+        def build():
+            self.plan.expand_received(recv_idx, self.d.num_local, list(counts))
+            return torch.cat([recv_x, recv_gates.to(recv_x.dtype)], 1)
+        return Pending(recv_x, finish=_waited(event, build))
 
     def start_transpose(self, grad):
-        combined, _, event = self.d.buffer.combine(
-            grad, self.handle, previous_event=self.d.capture(), async_finish=True, allocate_on_comm_stream=True
-        )
-        return Pending(combined, finish=lambda out: (event.current_stream_wait(), out)[1])
+        k = self.plan.topk
+        gx, ggates = grad[:, :-k].contiguous(), grad[:, -k:].float().contiguous()
+        x, gates, event = self.d.buffer.combine(gx, self.handle, topk_weights=ggates, previous_event=self.d.capture(),
+                                                async_finish=True, allocate_on_comm_stream=True)
+        return Pending(x, finish=_waited(event, lambda: torch.cat([x, gates.to(x.dtype)], 1)))
 
 
-class _DeepEPCombineOp(CommOp):
-    def __init__(self, dispatch_op: _DeepEPDispatchOp):
+class _CombineOp(CommOp):
+    """Summed expert outputs per received token ([N, H]) -> per source token ([T, H])."""
+
+    def __init__(self, dispatch_op: _DispatchOp):
         self.dispatch_op = dispatch_op
 
     def start(self, rows):
-        return self.dispatch_op.start_transpose(rows)
+        d = self.dispatch_op.d
+        x, _, event = d.buffer.combine(rows.contiguous(), self.dispatch_op.handle, previous_event=d.capture(),
+                                       async_finish=True, allocate_on_comm_stream=True)
+        return Pending(x, finish=_waited(event, lambda: x))
 
     def start_transpose(self, grad):
         d = self.dispatch_op.d
-        recv, _, _, _, _, event = d.buffer.dispatch(
-            grad, handle=self.dispatch_op.handle, previous_event=d.capture(),
-            async_finish=True, allocate_on_comm_stream=True,
-        )
-        return Pending(recv, finish=lambda out: (event.current_stream_wait(), out)[1])
+        recv, _, _, _, _, event = d.buffer.dispatch(grad.contiguous(), handle=self.dispatch_op.handle,
+                                                    previous_event=d.capture(), async_finish=True,
+                                                    allocate_on_comm_stream=True)
+        return Pending(recv, finish=_waited(event, lambda: recv))
 
 
 class DeepEPDispatcher(Dispatcher):
     name = "deepep"
 
-    def __init__(self, num_experts: int, ep_group, num_sms: int = 20, nvl_bytes: int = 256 << 20):
+    def __init__(self, num_experts: int, ep_group, num_sms: int = 20, hidden: int = 7168):
         deep_ep = import_deep_ep()
         if not torch.cuda.is_available():
             raise RuntimeError(_INSTALL_HINT)
         super().__init__(num_experts, ep_group)
         self.name = "deepep"
         deep_ep.Buffer.set_num_sms(num_sms)
-        self.buffer = deep_ep.Buffer(ep_group, nvl_bytes, 0)
+        self.buffer = shared_buffer(deep_ep, ep_group, hidden)
         self._deep_ep = deep_ep
 
     def capture(self):
         return self._deep_ep.Buffer.capture()
 
     def plan(self, topk_idx):
-        flat = topk_idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        row_experts = flat.index_select(0, order).unsqueeze(1)
-        num_per_rank, num_per_rdma, num_per_expert, in_rank, _ = self.buffer.get_dispatch_layout(row_experts, self.num_experts)
-        plan = DispatchPlan(order, torch.argsort(order), topk_idx.shape[1], None, None)
-        plan.dispatch_op = _DeepEPDispatchOp(self, plan, (num_per_rank, num_per_rdma, num_per_expert, in_rank), row_experts)
-        plan.combine_op = _DeepEPCombineOp(plan.dispatch_op)
+        """The layout DeepEP needs (computed on its stream); the received side
+        is filled when the dispatch lands."""
+        per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(
+            topk_idx, self.num_experts, previous_event=self.capture(), async_finish=False,
+            allocate_on_comm_stream=True)
+        plan = DispatchPlan(topk_idx.shape[1], topk_idx.shape[0], None, None)
+        plan.dispatch_op = _DispatchOp(self, plan, topk_idx, (per_rank, per_rdma_rank, per_expert, in_rank))
+        plan.combine_op = _CombineOp(plan.dispatch_op)
         return plan
 
 
 # Only by name (parallel.dispatcher=deepep): ``auto`` never picks it.
 register_dispatcher(DispatcherBackend(
-    "deepep", lambda num_experts, ep_group=None, num_sms=20: DeepEPDispatcher(num_experts, ep_group, num_sms=num_sms)))
+    "deepep", lambda num_experts, ep_group=None, num_sms=20, hidden=7168: DeepEPDispatcher(
+        num_experts, ep_group, num_sms=num_sms, hidden=hidden)))

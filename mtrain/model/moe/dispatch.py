@@ -1,8 +1,12 @@
-"""Moving tokens to their experts and back.
+"""Moving tokens to their experts and back, once per destination rank.
 
-A dispatcher cuts the routed half of an MoE layer at its two communication
-points. The local steps (``permute``, ``regroup``, ``unregroup``,
-``unpermute``) are ordinary autograd computations; the communication steps are
+A token routed to k experts is sent at most once to each EP rank that holds
+one of them (DeepSeek-V3's dispatch), not once per expert: its hidden state
+travels with its k gates, the receiver expands it to one row per expert it
+holds, and sums the gated expert outputs back to one row before the return
+trip. A dispatcher cuts the routed half of an MoE layer at its two
+communication points. The local steps (``pack``, ``expand``, ``reduce``,
+``unpack``) are ordinary autograd computations; the communication steps are
 :class:`~mtrain.runtime.comm.CommOp` objects in the plan, which the MoE layer's
 program exchanges (synchronously in a plain forward, overlapped with another
 micro-batch's compute in the pipeline runtime).
@@ -26,20 +30,37 @@ from mtrain.runtime.comm import AllToAllOp, CommOp, IdentityOp
 
 @dataclass
 class DispatchPlan:
-    """Where every (token, slot) row goes and how received rows are grouped."""
+    """How the tokens of one micro-batch reach their experts and come back.
 
-    order: torch.Tensor  # [T*k] (token, slot) rows sorted by expert
-    inverse_order: torch.Tensor
+    The source sends each token once to every EP rank holding at least one of
+    its selected experts: one *pair* (token, destination rank) per such rank,
+    the token's hidden state with its top-k gates appended. The receiver knows
+    which of the k slots are its own (``recv_ids``: local expert id, or -1 for
+    a slot served elsewhere), expands each received token to one row per own
+    slot, expert-major (``row_token``, ``row_slot``), runs the experts, and
+    sums each token's gated rows back to one row before the return trip; the
+    source adds up what the ranks return (``pair_token``).
+    """
+
     topk: int
+    num_tokens: int  # tokens this rank routes (the source side)
     dispatch_op: CommOp
     combine_op: CommOp
-    # Filled once the received layout is known (after the dispatch for DeepEP).
-    regroup: Optional[torch.Tensor] = None  # received row -> expert-major position
-    inverse_regroup: Optional[torch.Tensor] = None
+    # Source side: the token of every sent pair, rank-major (None: the exchange returns one row per token).
+    pair_token: Optional[torch.Tensor] = None
+    # Receiver side, filled once the received tokens are known (after the dispatch for DeepEP).
+    recv_ids: Optional[torch.Tensor] = None  # [N, k] local expert per slot, -1 where another rank serves it
+    row_token: Optional[torch.Tensor] = None  # [R] received token of each expert-major row
+    row_slot: Optional[torch.Tensor] = None  # [R] its slot, as an index into the flattened [N, k] gates
     tokens_per_expert: list[int] = field(default_factory=list)
     # [expert_tp, local experts] received rows of every expert_tp rank (expert_tp > 1),
     # on the device and as host lists; exchanged once per plan so recomputation does not repeat it.
     expert_tp_counts: Optional[tuple] = None
+
+    def expand_received(self, recv_ids: torch.Tensor, num_local: int, tokens_per_expert: list[int]) -> None:
+        """Set the receiver side from the received slots' local expert ids."""
+        self.recv_ids, self.tokens_per_expert = recv_ids, tokens_per_expert
+        self.row_token, self.row_slot = expert_major_rows(recv_ids, num_local, sum(tokens_per_expert))
 
 
 def count_per_expert(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -47,6 +68,17 @@ def count_per_expert(flat_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     (``bincount`` would read the maximum back to the host first.)"""
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat_idx.device)
     return counts.index_add_(0, flat_idx, torch.ones_like(flat_idx))
+
+
+def expert_major_rows(ids: torch.Tensor, num_local: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(token, flat slot)`` of every (token, own slot) row of ``ids`` [N, k]
+    (local expert ids, -1: not here), ordered by expert, then token, then
+    slot. ``rows``, the number of own slots, is known on the host, so nothing
+    is read back."""
+    flat = ids.flatten().long()
+    key = torch.where(flat >= 0, flat, num_local)  # foreign slots sort last and are cut off
+    order = torch.argsort(key, stable=True)[:rows]
+    return order // ids.shape[1], order
 
 
 def expert_major_index(counts: torch.Tensor, total: int) -> torch.Tensor:
@@ -65,7 +97,13 @@ def expert_major_index(counts: torch.Tensor, total: int) -> torch.Tensor:
 
 class Dispatcher:
     """The alltoall backend; with ``ep_group`` None (or of size 1) it is the
-    local backend: the same bookkeeping with no communication."""
+    local backend: the same bookkeeping with no communication.
+
+    The routed path: ``pack`` (source: tokens with their gates, one row per
+    destination pair) | dispatch | ``expand`` (receiver: one row per own slot,
+    expert-major, and their gates) | experts | ``reduce`` (receiver: gated rows
+    summed per token) | combine | ``unpack`` (source: one row per token).
+    """
 
     name = "alltoall"
 
@@ -78,55 +116,66 @@ class Dispatcher:
         self.num_local = num_experts // self.ep
 
     def plan(self, topk_idx: torch.Tensor) -> DispatchPlan:
-        """One host sync: the row counts the exchange and the grouped GEMM need,
-        read back once (after the counts' all-to-all when ep > 1)."""
-        flat = topk_idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        per_expert = count_per_expert(flat, self.num_experts)
-        if self.ep == 1:
-            plan = DispatchPlan(order, torch.argsort(order), topk_idx.shape[1], IdentityOp(), IdentityOp())
-            plan.tokens_per_expert = per_expert.tolist()
+        """One host sync: the pair and row counts the exchange and the grouped
+        GEMM need, read back once (after the counts' all-to-all when ep > 1)."""
+        tokens, k = topk_idx.shape
+        local, ep = self.num_local, self.ep
+        per_expert = count_per_expert(topk_idx.flatten(), self.num_experts)
+        if ep == 1:
+            plan = DispatchPlan(k, tokens, IdentityOp(), IdentityOp())
+            plan.expand_received(topk_idx, local, per_expert.tolist())
             return plan
-        # Counts first: every rank learns how many rows it gets for each local expert.
-        recv_counts = torch.empty_like(per_expert)
-        dist.all_to_all_single(recv_counts, per_expert, group=self.group)
-        host = torch.stack([per_expert, recv_counts]).tolist()  # the one sync
-        sent, received = host[0], host[1]
-        local = self.num_local
-        send_splits = [sum(sent[r * local:(r + 1) * local]) for r in range(self.ep)]
-        recv_splits = [sum(received[r * local:(r + 1) * local]) for r in range(self.ep)]
+        # Which ranks each token goes to, and how many pairs and rows each rank gets.
+        on_rank = torch.zeros(tokens, ep, dtype=torch.bool, device=topk_idx.device)
+        on_rank.scatter_(1, topk_idx // local, True)
+        counts = torch.cat([per_expert.view(ep, local), on_rank.sum(0, dtype=torch.long).view(ep, 1)], 1)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        sent, received = torch.stack([counts, recv_counts]).tolist()  # the one sync
+        send_splits, recv_splits = [row[local] for row in sent], [row[local] for row in received]
+        # The pairs, rank-major: positions r * tokens + t of the set entries of on_rank^T.
+        pairs = torch.argsort((~on_rank.t()).flatten().to(torch.uint8), stable=True)[:sum(send_splits)]
+        pair_rank, pair_token = pairs // tokens, pairs % tokens
+        ids = topk_idx.index_select(0, pair_token)
+        send_ids = torch.where(ids // local == pair_rank.unsqueeze(1), ids % local, -1).to(torch.int32)
+        recv_ids = send_ids.new_empty(sum(recv_splits), k)
+        dist.all_to_all_single(recv_ids, send_ids, recv_splits, send_splits, group=self.group)
         op = AllToAllOp(send_splits, recv_splits, self.group)
-        plan = DispatchPlan(order, torch.argsort(order), topk_idx.shape[1], op, op.transposed())
-        plan.regroup = expert_major_index(recv_counts.view(self.ep, local), sum(recv_splits))
-        plan.inverse_regroup = torch.argsort(plan.regroup)
-        plan.tokens_per_expert = [sum(received[r * local + e] for r in range(self.ep)) for e in range(local)]
+        plan = DispatchPlan(k, tokens, op, op.transposed(), pair_token=pair_token)
+        plan.expand_received(recv_ids, local, [sum(row[e] for row in received) for e in range(local)])
         return plan
 
     # Local steps (autograd) around the two exchanges.
     @staticmethod
-    def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """[T, H] tokens -> [T*k, H] rows sorted by expert (one row per selected expert)."""
-        return x.index_select(0, plan.order // plan.topk)
+    def pack(x: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """[T, H] tokens and [T, k] gates -> [pairs, H + k], one row per destination rank."""
+        rows = torch.cat([x, gates.to(x.dtype)], 1)
+        return rows if plan.pair_token is None else rows.index_select(0, plan.pair_token)
 
     @staticmethod
-    def regroup(recv: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return recv if plan.regroup is None else recv.index_select(0, plan.regroup)
+    def expand(received: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Received [N, H + k] -> expert-major rows [R, H] and their gates [R, 1]."""
+        hidden, gates = received.split([received.shape[1] - plan.topk, plan.topk], 1)
+        rows = hidden.index_select(0, plan.row_token)
+        return rows, gates.reshape(-1).index_select(0, plan.row_slot).unsqueeze(1)
 
     @staticmethod
-    def unregroup(out: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return out if plan.inverse_regroup is None else out.index_select(0, plan.inverse_regroup)
+    def reduce(out: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Expert outputs [R, H] gated and summed per received token: [N, H]."""
+        summed = out.new_zeros(plan.recv_ids.shape[0], out.shape[1])
+        return summed.index_add(0, plan.row_token, out * gates)
 
     @staticmethod
-    def unpermute(rows: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Rows back in (token, slot) order, weighted by the gates and summed per token."""
-        per_slot = rows.index_select(0, plan.inverse_order)
-        tokens = weights.shape[0]
-        return (per_slot.view(tokens, plan.topk, -1) * weights.unsqueeze(-1)).sum(1)
+    def unpack(combined: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """What the ranks returned, summed per source token: [T, H]."""
+        if plan.pair_token is None:
+            return combined
+        return combined.new_zeros(plan.num_tokens, combined.shape[1]).index_add(0, plan.pair_token, combined)
 
 
 @dataclass(frozen=True)
 class DispatcherBackend:
-    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms)``."""
+    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms=, hidden=)``."""
 
     name: str
     build: Callable[..., "Dispatcher"]
@@ -139,11 +188,11 @@ def register_dispatcher(backend: DispatcherBackend) -> None:
     BACKENDS[backend.name] = backend
 
 
-def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20) -> Dispatcher:
+def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0) -> Dispatcher:
     return Dispatcher(num_experts, ep_group)
 
 
-def _build_local(num_experts, ep_group=None, num_sms: int = 20) -> Dispatcher:
+def _build_local(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0) -> Dispatcher:
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
         raise ValueError("parallel.dispatcher=local works only with parallel.ep=1")
     return Dispatcher(num_experts, None)
@@ -158,7 +207,7 @@ register_dispatcher(DispatcherBackend("local", _build_local))
 AUTO_DISPATCHER = "alltoall"
 
 
-def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20) -> Dispatcher:
+def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20, hidden: int = 7168) -> Dispatcher:
     """The registered backend ``kind``; ``auto`` is :data:`AUTO_DISPATCHER`
     (alltoall, local for ep=1)."""
     kind = str(kind)
@@ -166,4 +215,4 @@ def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 2
         kind = AUTO_DISPATCHER
     if kind not in BACKENDS:
         raise ValueError(f"unknown dispatcher {kind!r}: use auto or one of {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms)
+    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden)

@@ -2,8 +2,10 @@
 
 Its routed path is a program cut at the two exchanges, so the pipeline runtime
 can run other work while tokens are on the wire: ``route`` (router, gates, TP
-slice, dispatch plan, permutation) | dispatch | ``experts`` | combine; then
-``finish`` (gates, TP gather, shared experts) gives the layer's output.
+slice, dispatch plan, tokens packed with their gates, once per destination
+rank) | dispatch | ``experts`` (one row per own expert, gated, summed back per
+token) | combine; then ``finish`` (sum over ranks, TP gather, shared experts)
+gives the layer's output.
 ``forward()`` runs exactly that program.
 """
 from __future__ import annotations
@@ -31,8 +33,7 @@ class MoECarry(Carry):
 
     hidden: Optional[torch.Tensor] = None  # the residual stream
     normed: Optional[torch.Tensor] = None  # the MLP input, [B, S, H]
-    rows: Optional[torch.Tensor] = None  # one row per (token, selected expert), on the wire
-    gates: Optional[torch.Tensor] = None  # [tokens, top-k] gate weights of those rows
+    rows: Optional[torch.Tensor] = None  # on the wire: a token with its gates per destination rank, then its sum
     plan: Optional[DispatchPlan] = None  # where the rows go and how they come back
 
 
@@ -53,7 +54,7 @@ class MoELayer(nn.Module):
                                       cfg.compile)
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std,
                                 cfg.compile) if cfg.num_shared_experts else None)
-        self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms)
+        self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms, cfg.hidden_size)
         self.recompute = cfg.recompute == "full"
 
     def forward(self, x_norm: torch.Tensor, step: Optional[StepContext] = None) -> torch.Tensor:
@@ -67,10 +68,13 @@ class MoELayer(nn.Module):
         """The routed path as steps over an :class:`MoECarry` (``normed`` set)."""
         return [
             Compute(self._route_step, f"{name}.route"),
-            # Both sent row tensors come out of index_select (or the down projection), which
-            # keep nothing of their output for the backward: release them after the exchange.
-            # The combined rows are read once, by ``output``'s index_select: free them after it.
-            Exchange("rows", lambda c: c.plan.dispatch_op, f"{name}.dispatch", release_sent=True),
+            # Both sent row tensors come out of cat/index_select and index_add, which keep
+            # nothing of their output for the backward: release them after the exchange.
+            # The received tokens are read by ``expand``'s split and index_select, which keep
+            # nothing of them (unless full recompute runs the experts step again from them),
+            # and the combined rows once, by ``output``'s index_add: free each after its reader.
+            Exchange("rows", lambda c: c.plan.dispatch_op, f"{name}.dispatch", release_sent=True,
+                     release_received=not self.recompute),
             Compute(self._experts_step, f"{name}.experts"),
             Exchange("rows", lambda c: c.plan.combine_op, f"{name}.combine", release_sent=True,
                      release_received=True),
@@ -78,17 +82,17 @@ class MoELayer(nn.Module):
 
     def output(self, carry: MoECarry) -> torch.Tensor:
         """The layer's output from the combined rows (after the program)."""
-        return self.finish(carry.rows, carry.gates, carry.normed, carry.plan)
+        return self.finish(carry.rows, carry.normed, carry.plan)
 
     def _route_step(self, c: MoECarry, step: StepContext) -> MoECarry:
-        rows, gates, plan = self.route(c.normed, step)
-        return c.replace(rows=rows, gates=gates, plan=plan)
+        rows, plan = self.route(c.normed, step)
+        return c.replace(rows=rows, plan=plan)
 
     def _experts_step(self, c: MoECarry, step: StepContext) -> MoECarry:
         return c.replace(rows=maybe_recompute(self.recompute, self.compute_experts, c.rows, c.plan))
 
-    def route(self, x_norm: torch.Tensor, step: StepContext) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-        """Rows to dispatch, their gates and the plan, for tokens ``x_norm`` [B, S, H].
+    def route(self, x_norm: torch.Tensor, step: StepContext) -> tuple[torch.Tensor, DispatchPlan]:
+        """Rows to dispatch (tokens with their gates) and the plan, for tokens ``x_norm`` [B, S, H].
 
         Routing runs on every token on every TP rank (identical there); with
         tp > 1 each TP rank then dispatches a distinct slice of the tokens, so no
@@ -112,20 +116,21 @@ class MoELayer(nn.Module):
             weights = scatter_to_tp(weights, 0, self.tp_group)
             idx = idx.chunk(tp, 0)[tp_rank(self.tp_group)]
         plan = self.dispatcher.plan(idx)
-        return self.dispatcher.permute(flat, plan), weights, plan
+        return self.dispatcher.pack(flat, weights, plan), plan
 
     def compute_experts(self, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        grouped = self.dispatcher.regroup(received, plan)
+        """Received tokens [N, H + k] -> their gated expert outputs summed per token [N, H]."""
+        grouped, gates = self.dispatcher.expand(received, plan)
         if self.expert_tp_group is None:
             out = self.experts(grouped, plan.tokens_per_expert)
         else:
             if plan.expert_tp_counts is None:
                 plan.expert_tp_counts = group_counts(plan.tokens_per_expert, self.expert_tp_group, received.device)
             out = run_split_experts(self.experts, grouped, plan.expert_tp_counts, self.expert_tp_group)
-        return self.dispatcher.unregroup(out, plan)
+        return self.dispatcher.reduce(out, gates, plan)
 
-    def finish(self, rows: torch.Tensor, weights: torch.Tensor, x_norm: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        y = self.dispatcher.unpermute(rows, weights, plan).to(x_norm.dtype)
+    def finish(self, rows: torch.Tensor, x_norm: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        y = self.dispatcher.unpack(rows, plan).to(x_norm.dtype)
         if tp_size(self.tp_group) > 1:
             y = gather_from_tp(y, 0, self.tp_group)
         y = y.view_as(x_norm)
