@@ -199,3 +199,37 @@ def test_auto_dispatcher_never_picks_deepep_even_where_it_would_run(monkeypatch)
     assert make_dispatcher("auto", num_experts=8).name == "local"
     # Forked ranks inherit the stand-in module and the patched CUDA check.
     assert run_distributed(_auto_dispatcher_over_the_world, 2, timeout=60) == ["alltoall", "alltoall"]
+
+
+def test_moe_layer_equals_the_per_expert_row_formula():
+    """y[t] = shared(x[t]) + sum over slots s of gate[t, s] * expert_{id[t, s]}(x[t]), with
+    gradients, at fp32: the token-level dispatch changes where the sum happens, not what it is."""
+    import torch.nn.functional as F
+
+    from mtrain.model.moe.layer import MoELayer
+
+    cfg = load_config(["model.aux_loss_alpha=0"]).model
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
+    y = layer(x)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    flat = x_ref.reshape(-1, cfg.hidden_size)
+    routing = layer.router(flat)
+    e = layer.experts
+    per_row = []
+    for t in range(flat.shape[0]):
+        out = 0
+        for s in range(cfg.moe_topk):
+            i = int(routing.topk_idx[t, s])
+            h = F.silu(flat[t] @ e.gate[i].t()) * (flat[t] @ e.up[i].t())
+            out = out + routing.topk_weights[t, s] * (h @ e.down[i].t())
+        per_row.append(out)
+    ref = torch.stack(per_row).view_as(x_ref) + layer.shared(x_ref)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    probe = torch.randn_like(y)
+    grads = torch.autograd.grad((y * probe).sum(), [x] + list(layer.parameters()))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x_ref] + list(layer.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r if r is not None else torch.zeros_like(g), rtol=1e-4, atol=1e-6)
