@@ -57,3 +57,23 @@ def detect_env(environ: dict | None = None) -> DistEnv:
             launcher="slurm",
         )
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)), "single")
+
+
+def ranks_per_node(environ: dict | None = None) -> int | None:
+    """Processes per node of this launch: torchrun's LOCAL_WORLD_SIZE, or
+    Slurm's tasks per node (``4`` or ``4(x2)``); None when neither says."""
+    env = os.environ if environ is None else environ
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        match = re.match(r"\d+", env.get(key, ""))
+        if match:
+            return int(match.group())
+    return None
+
+
+def ep_nodes(ep: int, tp: int, per_node: int | None, ep_ranks_per_node: int | None = None) -> int:
+    """How many nodes an EP group spans: its ranks are ``tp`` apart (Megatron's
+    order), so a node holds ``per_node // tp`` of them (or
+    ``ep_ranks_per_node`` when given); one node when unknown."""
+    in_node = ep_ranks_per_node or (max(1, per_node // tp) if per_node else ep)
+    in_node = min(in_node, ep)
+    return ep // in_node if ep % in_node == 0 else 1

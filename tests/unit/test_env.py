@@ -24,3 +24,23 @@ def test_first_host_forms():
 def test_single_process_default():
     env = detect_env({})
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_ranks_per_node_and_the_nodes_an_ep_group_spans():
+    from mtrain.parallel.env import ep_nodes, ranks_per_node
+
+    assert ranks_per_node({"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert ranks_per_node({"SLURM_NTASKS_PER_NODE": "4(x2)"}) == 4
+    assert ranks_per_node({}) is None
+    assert ep_nodes(64, 1, 8) == 8  # DeepSeek-V3: EP64 over 8 nodes of 8 GPUs
+    assert ep_nodes(8, 2, 8) == 2  # tp=2 leaves 4 EP ranks per node
+    assert ep_nodes(4, 1, None) == 1  # unknown: one node
+    assert ep_nodes(4, 1, 4, ep_ranks_per_node=2) == 2  # 4 CPU ranks studied as 2 nodes x 2
+
+
+def test_max_nodes_per_token_must_divide_top_k():
+    from mtrain.config.loading import load_config
+    from mtrain.train.preflight import config_errors
+
+    errors = config_errors(load_config(["model.max_nodes_per_token=3"]))  # tiny: top-2
+    assert any("model.max_nodes_per_token=3 must divide model.moe_topk=2" in e for e in errors)
