@@ -26,6 +26,7 @@ setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        "safetensors",
         "tokenizers>=0.15",
         "wandb>=0.17",
     ],
@@ -44,6 +45,8 @@ setup(
             "mtrain-plan=mtrain.cli.plan:main",
             "mtrain-sbatch=mtrain.launch.sbatch:main",
             "mtrain-schedule=mtrain.cli.schedule:main",
+            "mtrain-convert=mtrain.cli.convert:main",
+            "mtrain-eval=mtrain.cli.eval:main",
         ],
     },
 )

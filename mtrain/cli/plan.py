@@ -13,9 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mtrain.config.loading import override_errors
-from mtrain.config.schema import register_configs
-from mtrain.config.validate import ConfigError
+from mtrain.config.loading import run_app
 from mtrain.cli.planning import format_plan, make_plan
 
 
@@ -33,13 +31,7 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # A bad choice fails Hydra's composition with a multi-line report; say it in one line first.
-    errors = override_errors(sys.argv[1:])
-    if errors:
-        print(ConfigError(errors), file=sys.stderr)
-        sys.exit(2)
-    register_configs()
-    _app()
+    run_app(_app)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from mtrain.config.schema import resolve_dtype
 from mtrain.config.validate import planned_world_size
+from mtrain.data.batching import batch_schedule
 from mtrain.model.partition import stage_layers, stage_roles
 from mtrain.model.stats import flops_per_token, memory_estimate, param_counts
 from mtrain.parallel.layout import build_layout
@@ -38,10 +39,23 @@ def make_plan(cfg, world_size: int | None = None) -> dict:
          "ranks": [pipe[r] for pipe in layout.groups["pp"]]}
         for r in range(p.pp)
     ]
-    plan["global_batch_size"] = cfg.train.micro_batch_size * p.num_microbatches * layout.dp
-    plan["tokens_per_step"] = plan["global_batch_size"] * cfg.data.seq_len
+    plan.update(batch_facts(cfg, layout.dp))
     plan.update(model_facts(cfg, world))
     return plan
+
+
+def batch_facts(cfg, dp: int) -> dict:
+    """The global batch (given or derived), micro-batches per data-parallel
+    rank, and the batch-size ramp with the steps and samples it takes."""
+    batch = batch_schedule(cfg.train, cfg.parallel, dp)
+    facts = {"num_microbatches": batch.num_microbatches, "global_batch_size": batch.global_batch_size,
+             "tokens_per_step": batch.global_batch_size * cfg.data.seq_len, "batch_ramp": None}
+    if batch.ramp is not None:
+        steps, samples = batch.ramp_steps()
+        facts["batch_ramp"] = {"start_size": batch.ramp.start_size, "increment": batch.ramp.increment,
+                               "ramp_samples": batch.ramp.ramp_samples, "sizes": len(batch.sizes()),
+                               "steps": steps, "samples": samples}
+    return facts
 
 
 def model_facts(cfg, world_size: int) -> dict:
@@ -61,8 +75,9 @@ def model_facts(cfg, world_size: int) -> dict:
         for i in range(num_stages)
     ]
     memory = []
+    num_microbatches = batch_schedule(cfg.train, p, world_size // (p.tp * p.pp)).num_microbatches
     for r in range(p.pp):
-        peak = peak_inflight_microbatches(p.schedule, p.pp, p.num_microbatches, r)
+        peak = peak_inflight_microbatches(p.schedule, p.pp, num_microbatches, r)
         estimate = memory_estimate(cfg, [stages[i] for i in held[r]], peak, world_size)
         memory.append({"pp_rank": r, "peak_inflight_microbatches": peak, **estimate})
     return {
@@ -100,6 +115,7 @@ def format_plan(plan: dict) -> str:
         f"schedule {plan['schedule']}: {plan['num_microbatches']} micro-batches, "
         f"{plan['num_stages']} model stages, {plan['param_copies']} copy(ies) of each stage",
         f"global batch {plan['global_batch_size']} sequences = {plan['tokens_per_step']} tokens per step",
+        *_format_ramp(plan["batch_ramp"], plan["global_batch_size"]),
         "groups:",
     ]
     lines += [f"  {kind:<14} {_fmt_groups(groups)}" for kind, groups in plan["groups"].items()]
@@ -110,6 +126,14 @@ def format_plan(plan: dict) -> str:
         )
     lines += _format_model(plan)
     return "\n".join(lines)
+
+
+def _format_ramp(ramp, global_batch: int) -> list[str]:
+    if ramp is None:
+        return []
+    return [f"batch ramp: {ramp['start_size']} -> {global_batch} sequences by {ramp['increment']} over the first "
+            f"{ramp['ramp_samples']} samples ({ramp['sizes']} sizes; full batch from step {ramp['steps'] + 1}, "
+            f"after {ramp['samples']} samples)"]
 
 
 def _count(n: float) -> str:

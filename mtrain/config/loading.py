@@ -2,7 +2,8 @@
 check command-line choices before Hydra composes them."""
 from __future__ import annotations
 
-from typing import Iterable
+import sys
+from typing import Callable, Iterable
 
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -11,17 +12,20 @@ from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
 from mtrain.config.schema import register_configs
-from mtrain.config.validate import ConfigError, choice_error, choice_fields
+from mtrain.config.validate import ConfigError, choice_error, choice_fields, unknown_key_error
 
 CONFIG_MODULE = "mtrain.configs"
 
 
 def override_errors(args: Iterable[str]) -> list[str]:
     """A message for every bad value given to a choice field in ``args``
-    (command-line arguments; flags and unparsable overrides are left to Hydra).
+    (command-line arguments; flags and unparsable overrides are left to Hydra),
+    and for every key that is not a field of the schema.
 
-    OmegaConf rejects these too, but in a multi-line report naming the schema
-    class; this gives the same one-line form as the other config rules.
+    OmegaConf rejects bad choices too, but in a multi-line report naming the
+    schema class; this gives the same one-line form as the other config rules.
+    An unknown key Hydra would refuse with advice to add it with ``+``, which
+    it then accepts and nothing reads.
     """
     fields, parser, errors = choice_fields(), OverridesParser.create(), []
     for arg in args:
@@ -31,7 +35,13 @@ def override_errors(args: Iterable[str]) -> list[str]:
             (override,) = parser.parse_overrides([arg])
         except OverrideParseException:
             continue
-        choices = fields.get(override.key_or_group)
+        key = override.key_or_group
+        if override.type != OverrideType.DEL and not key.startswith("hydra") and override.package is None:
+            unknown = unknown_key_error(key)
+            if unknown:
+                errors.append(unknown)
+                continue
+        choices = fields.get(key)
         if choices is None or override.type == OverrideType.DEL:
             continue
         value = override.value()
@@ -59,3 +69,14 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     register_configs()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+def run_app(app: Callable[[], None]) -> None:
+    """A command's entry point: bad choices and unknown keys on the command
+    line in one line each (exit 2) before Hydra composes, then the Hydra ``app``."""
+    errors = override_errors(sys.argv[1:])
+    if errors:
+        print(ConfigError(errors), file=sys.stderr)
+        sys.exit(2)
+    register_configs()
+    app()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -51,12 +51,14 @@ Dispatcher = _choice("Dispatcher", "auto", "local", "alltoall", "deepep")
 Backend = _choice("Backend", "auto", "gloo", "nccl")
 Recompute = _choice("Recompute", "none", "selective", "full")
 ScoreFunc = _choice("ScoreFunc", "sigmoid", "softmax")
+GroupScore = _choice("GroupScore", "top2_sum", "max")  # a router group's score (see ModelConfig)
 GroupedGemm = _choice("GroupedGemm", "auto", "torch", "grouped_mm", "triton")
 Dtype = _choice("Dtype", "auto", "fp32", "bf16")  # auto: see resolve_dtype
 GradReduceDtype = _choice("GradReduceDtype", "fp32", "bf16")
 LrSchedule = _choice("LrSchedule", "cosine", "wsd", "constant")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 Output = _choice("Output", "text", "json")
+OnSaveError = _choice("OnSaveError", "stop", "continue")  # a checkpoint save that failed on storage
 
 
 def resolve_dtype(dtype: str, backend: str) -> str:
@@ -92,8 +94,15 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     score_func: ScoreFunc = ScoreFunc.sigmoid
+    # How group-limited routing scores a group: the sum of its two best biased
+    # scores (DeepSeek-V3) or its best score (DeepSeek-V2's group_limited_greedy).
+    group_score: GroupScore = GroupScore.top2_sum
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # Node-limited routing (DeepSeek-V3: 4): a token's experts come from at most
+    # this many nodes of the EP group, those whose top (moe_topk / this) scores
+    # sum highest; 0: no limit.
+    max_nodes_per_token: int = 0
     bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing; 0 disables
     aux_loss_alpha: float = 0.0001  # sequence-wise auxiliary loss coefficient
     # Multi-token prediction.
@@ -129,13 +138,19 @@ class ParallelConfig:
     # Rank order, fastest-varying first (Megatron's convention).
     order: str = "tp-cp-ep-dp-pp"
     schedule: Schedule = Schedule["1f1b"]
-    num_microbatches: int = 1
+    # Micro-batches per data-parallel rank per step. null: derived from
+    # train.global_batch_size (1 when that is null too); when both are set they
+    # must agree (docs/data.md).
+    num_microbatches: Optional[int] = None
     # Layers per model stage (length = number of model stages); null: balanced.
     pipeline_layout: Optional[list[int]] = None
     # Overlap one micro-batch's MoE all-to-all with another's compute.
     overlap: bool = True
     dispatcher: Dispatcher = Dispatcher.auto  # expert dispatcher
     deepep_num_sms: int = 20
+    # EP ranks per node, for node-limited routing (null: the ranks per node of
+    # the launch, divided by tp, at most ep). Set it to study node limits on one machine.
+    ep_ranks_per_node: Optional[int] = None
     backend: Backend = Backend.auto
     # bf16: gradient sums over replicas travel and add in bf16: half the bytes, for bf16 rounding of every sum.
     grad_reduce_dtype: GradReduceDtype = GradReduceDtype.fp32
@@ -153,9 +168,26 @@ class ClusterConfig:
 
 
 @dataclass
+class BatchRampConfig:
+    """Ramp the global batch up from ``start_size`` to ``train.global_batch_size``
+    in steps of ``increment`` sequences spread evenly over the first
+    ``ramp_samples`` samples (Megatron's ``--rampup-batch-size``; docs/data.md)."""
+
+    start_size: Optional[int] = None  # null: no ramp
+    increment: Optional[int] = None
+    ramp_samples: Optional[int] = None
+
+
+@dataclass
 class TrainConfig:
     steps: int = 20
     micro_batch_size: int = 2
+    # Sequences per optimizer step (all data-parallel ranks together). null:
+    # train.micro_batch_size x parallel.num_microbatches x dp. When set, the
+    # micro-batches per data-parallel rank are derived from it, so it stays the
+    # same on any layout (docs/data.md).
+    global_batch_size: Optional[int] = None
+    batch_ramp: BatchRampConfig = field(default_factory=BatchRampConfig)
     seed: int = 1234
     # bf16: bf16 compute with fp32 master weights; auto: bf16 on nccl, fp32 on gloo.
     dtype: Dtype = Dtype.auto
@@ -181,6 +213,10 @@ class DataConfig:
     # Prefix of an indexed dataset (<prefix>.bin / <prefix>.idx); null: the
     # built-in demo corpus.
     path: Optional[str] = None
+    # A weighted blend of indexed datasets instead of data.path (null: none):
+    # "0.3 /data/a 0.7 /data/b" or [{path: /data/a, weight: 0.3}, ...]; weights
+    # are normalised (docs/data.md).
+    blend: Any = None
     tokenizer: Optional[str] = None
     seq_len: int = 64
     seed: int = 1234
@@ -208,6 +244,35 @@ class CheckpointConfig:
     keep_last: int = 2
     async_save: bool = False
     resume: str = "latest"  # latest | none | <path>
+    # Start at step 0 although checkpoint.dir holds checkpoints (none verifies, or
+    # resume=none); they are set aside as <name>.corrupt|superseded-<time>, never deleted.
+    allow_fresh_start: bool = False
+    # A save that failed on storage (full disk) leaves the previous checkpoint intact;
+    # stop: end the run with one line saying why; continue: warn, retry at the next interval.
+    on_save_error: OnSaveError = OnSaveError["stop"]
+    # Start a run that has no checkpoint to resume from these weights (model only:
+    # fresh optimizer, step 0): a Hugging Face DeepSeek-V2/V3 directory or an
+    # mtrain checkpoint directory (docs/hf.md). null: seeded initialisation.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    # Held-out evaluation (docs/evaluation.md). Steps between evaluations during
+    # training; 0 or null: none (at_end still evaluates once at the end).
+    interval: Optional[int] = 0
+    steps: int = 10  # global batches per evaluation (the same ones every time)
+    # Megatron-style train/valid/test shares of data.path's documents, e.g.
+    # "98,1,1" (or 98/1/1 on the command line); training draws from the first
+    # part only, evaluation from the second. null: no split, train on everything.
+    split: Optional[str] = None
+    # A separate indexed dataset prefix to evaluate on (instead of the split's valid part).
+    path: Optional[str] = None
+    at_end: bool = True  # evaluate after the last step (when there is held-out data)
+    # Greedy continuation of this text logged with every evaluation (needs the
+    # tokenizer: data.tokenizer or <data.path>.tokenizer.json).
+    prompt: Optional[str] = None
+    sample_tokens: int = 32
 
 
 @dataclass
@@ -219,6 +284,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
     output: Output = Output.text  # mtrain-plan
 

@@ -11,6 +11,7 @@ Every message names the fields, the values and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 
 from mtrain.config.schema import Choice, Config
@@ -36,6 +37,25 @@ def choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Cho
         elif dataclasses.is_dataclass(hint):
             fields.update(choice_fields(hint, f"{prefix}{name}."))
     return fields
+
+
+def unknown_key_error(key: str, schema: type = Config) -> str | None:
+    """Why ``key`` (dotted) names no field of the schema, with the nearest
+    field as the fix; None when it does (or leads into a free-form field)."""
+    node, path = schema, []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None  # inside a list, dict or plain value: the schema says no more
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            where = ".".join(path) or "the config"
+            near = difflib.get_close_matches(part, hints, n=1)
+            hint = f"did you mean {'.'.join(path + near)}?" if near else \
+                f"its fields are {', '.join(sorted(hints))}"
+            return (f"{key}: {where} has no field {part!r} ({hint}); a key outside the schema "
+                    f"(mtrain/config/schema.py) would be ignored")
+        node, path = hints[part], path + [part]
+    return None
 
 
 def choice_error(key: str, value, choices: type[Choice]) -> str:
@@ -88,10 +108,10 @@ def _model_errors(m, tp: int, ep: int) -> list[str]:
             errors.append(
                 f"model.n_group={m.n_group} must divide model.num_routed_experts={m.num_routed_experts}"
             )
-        elif m.n_group > 1 and m.num_routed_experts // m.n_group < 2:
+        elif m.n_group > 1 and m.num_routed_experts // m.n_group < 2 and m.group_score == "top2_sum":
             errors.append(f"model.n_group={m.n_group} leaves one expert per group; a group's score is the sum of "
-                          f"its two best experts' scores, so make n_group at most num_routed_experts / 2 "
-                          f"(or 1 for no groups)")
+                          f"its two best experts' scores (model.group_score=top2_sum), so make n_group at most "
+                          f"num_routed_experts / 2 (or 1 for no groups)")
         elif not 1 <= m.topk_group <= m.n_group:
             errors.append(f"model.topk_group={m.topk_group} must be within 1..model.n_group={m.n_group}")
         elif m.moe_topk < 1 or m.moe_topk > m.topk_group * (m.num_routed_experts // m.n_group):
@@ -99,6 +119,11 @@ def _model_errors(m, tp: int, ep: int) -> list[str]:
                 f"model.moe_topk={m.moe_topk} must be within 1..topk_group*experts_per_group = "
                 f"{m.topk_group * (m.num_routed_experts // m.n_group)} (the experts in the kept groups)"
             )
+    if m.max_nodes_per_token < 0:
+        errors.append(f"model.max_nodes_per_token={m.max_nodes_per_token} must be >= 0 (0: no node limit)")
+    elif m.max_nodes_per_token and m.moe_topk % m.max_nodes_per_token:
+        errors.append(f"model.max_nodes_per_token={m.max_nodes_per_token} must divide model.moe_topk={m.moe_topk}: "
+                      f"a node is scored by its top moe_topk / max_nodes_per_token experts")
     if m.mtp_depth < 0:
         errors.append(f"model.mtp_depth={m.mtp_depth} must be >= 0")
     if m.rope_scaling_factor < 1.0:
@@ -130,4 +155,24 @@ def field_errors(cfg, world_size: int | None = None) -> list[str]:
         errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.interval and checkpoint.keep_last must be at least 1")
+    errors += _eval_errors(cfg.eval)
+    return errors
+
+
+def _eval_errors(e) -> list[str]:
+    """The ``eval`` group's own rules (the split's format is checked by mtrain.data.split)."""
+    errors = []
+    if e.interval is not None and e.interval < 0:
+        errors.append(f"eval.interval={e.interval} must be >= 0 (0 or null: no evaluation during training)")
+    elif e.interval and e.split is None and e.path is None:
+        errors.append(f"eval.interval={e.interval} evaluates held-out data, but none is held out: set "
+                      f"eval.split=98/1/1 (documents of data.path) or eval.path=<indexed dataset prefix>, "
+                      f"or eval.interval=0")
+    if e.steps < 1:
+        errors.append(f"eval.steps={e.steps} must be at least 1 (global batches per evaluation)")
+    if e.prompt is not None and not str(e.prompt):
+        errors.append("eval.prompt is empty: give the text to continue, or null for no samples")
+    if e.sample_tokens < 0 or (e.prompt is not None and e.sample_tokens < 1):
+        errors.append(f"eval.sample_tokens={e.sample_tokens} must be at least 1 with an eval.prompt "
+                      f"(tokens generated greedily after it)")
     return errors

@@ -1,7 +1,8 @@
 """GPT training samples over an indexed dataset, and their deterministic distribution.
 
 Sample ``j`` of the unshuffled order is the ``seq_len + 1`` tokens of the flat
-token stream starting at ``j * seq_len`` (samples overlap by one token, so every
+token stream starting at ``j * seq_len`` (from the start of the dataset's token
+range, when it holds one part of a split; samples overlap by one token, so every
 token but the first is a target exactly once per epoch). Documents are not
 padded: a sample crosses document boundaries, which the EOS ids appended by the
 preprocessor mark.
@@ -15,7 +16,7 @@ state needed to resume is the number of samples consumed (``DataPosition``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,15 +34,19 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 class GPTDataset:
     """Infinite, seeded stream of (input ids, target ids) pairs of length ``seq_len``."""
 
-    def __init__(self, indexed: IndexedDataset, seq_len: int, seed: int) -> None:
+    def __init__(self, indexed: IndexedDataset, seq_len: int, seed: int,
+                 token_range: Optional[tuple[int, int]] = None) -> None:
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.indexed = indexed
         self.seq_len = seq_len
         self.seed = seed
-        self.samples_per_epoch = max(indexed.num_tokens - 1, 0) // seq_len
+        # Samples come from the tokens [start, end) only (one part of a split, mtrain.data.split).
+        self.start, self.end = token_range if token_range is not None else (0, indexed.num_tokens)
+        self.samples_per_epoch = max(self.end - self.start - 1, 0) // seq_len
         if self.samples_per_epoch == 0:
-            raise ValueError(f"dataset {indexed.prefix} has {indexed.num_tokens} tokens, "
+            where = f"dataset {indexed.prefix}" + (f" (tokens {self.start}..{self.end})" if token_range else "")
+            raise ValueError(f"{where} has {self.end - self.start} tokens, "
                              f"fewer than one sample of seq_len + 1 = {seq_len + 1}")
         self._cached_epoch = -1
         self._cached_perm = np.empty(0, dtype=np.int64)
@@ -55,7 +60,7 @@ class GPTDataset:
 
     def sample_tokens(self, unshuffled_index: int) -> np.ndarray:
         """The ``seq_len + 1`` tokens of sample ``unshuffled_index`` in stream order."""
-        return self.indexed.tokens(unshuffled_index * self.seq_len, self.seq_len + 1)
+        return self.indexed.tokens(self.start + unshuffled_index * self.seq_len, self.seq_len + 1)
 
     def shuffled_index(self, global_index: int) -> int:
         """Which unshuffled sample global sample ``global_index`` is."""
@@ -126,27 +131,40 @@ def batch_for_step(dataset: GPTDataset, position: DataPosition, global_batch: in
 class StepLoader:
     """Hands one rank its micro-batches step after step and remembers the position.
 
+    ``dataset`` is anything with ``__getitem__(global_index) -> (inputs,
+    targets)`` (a :class:`GPTDataset`, a blend). ``schedule``, when given, has
+    ``global_batch_at(consumed_samples)`` (a
+    :class:`~mtrain.data.batching.BatchSchedule`): each step's global batch
+    then follows it (a batch-size ramp) and the step runs ``global_batch /
+    (micro_batch * dp_size)`` micro-batches; without it every step runs
+    ``num_microbatches``.
+
     Save ``state_dict()`` with a checkpoint; ``load_state_dict`` continues with
     exactly the samples that would have come next.
     """
 
     def __init__(self, dataset: GPTDataset, micro_batch: int, num_microbatches: int, dp_rank: int,
-                 dp_size: int, position: DataPosition = DataPosition()) -> None:
+                 dp_size: int, position: DataPosition = DataPosition(), schedule=None) -> None:
         self.dataset = dataset
         self.micro_batch = micro_batch
         self.num_microbatches = num_microbatches
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.position = position
+        self.schedule = schedule
 
     @property
     def global_batch(self) -> int:
+        """The global batch of the next step."""
+        if self.schedule is not None:
+            return self.schedule.global_batch_at(self.position.consumed_samples)
         return self.micro_batch * self.num_microbatches * self.dp_size
 
     def next_step(self) -> list[Sample]:
-        batches = batch_for_step(self.dataset, self.position, self.global_batch, self.dp_rank, self.dp_size,
-                                 self.micro_batch, self.num_microbatches)
-        self.position = self.position.advance(self.global_batch)
+        global_batch = self.global_batch
+        batches = batch_for_step(self.dataset, self.position, global_batch, self.dp_rank, self.dp_size,
+                                 self.micro_batch, global_batch // (self.micro_batch * self.dp_size))
+        self.position = self.position.advance(global_batch)
         return batches
 
     def state_dict(self) -> dict:

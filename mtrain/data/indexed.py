@@ -162,7 +162,16 @@ class IndexedDataset:
         """``length`` ids of the flat token stream (all documents concatenated) from ``start``."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside the stream of {self.num_tokens} tokens")
-        return self._tokens[start:start + length]
+        ids = self._tokens[start:start + length]
+        # Checked on every read (one pass over a sample): a damaged .bin of the right size
+        # would otherwise surface as an embedding's "index out of range" far from its cause.
+        if ids.size and ids.max() >= self.vocab_size:
+            at = start + int(np.argmax(ids >= self.vocab_size))
+            raise CorruptDatasetError(
+                f"{bin_path(self.prefix)}: token id {int(self._tokens[at])} at token offset {at} (byte "
+                f"{at * self.dtype.itemsize}) is outside the vocabulary of {self.vocab_size} ids its .idx records; "
+                f"the file is damaged or from another tokenizer: re-run mtrain's preprocessing")
+        return ids
 
 
 def _read_index(path: Path) -> tuple[int, np.dtype, np.ndarray]:

@@ -30,6 +30,7 @@ class ModelGroups:
     expert_tp: Optional[object] = None
     dispatcher: str = "auto"
     deepep_num_sms: int = 20
+    ep_nodes: int = 1  # nodes the EP group spans (node-limited routing)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class DecoderLayer(nn.Module):
         if layer_idx < cfg.first_k_dense:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std, cfg.compile)
         else:
-            self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp)
+            self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp,
+                                groups.ep_nodes)
 
     @property
     def is_moe(self) -> bool:

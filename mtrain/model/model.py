@@ -26,7 +26,8 @@ from mtrain.model.norm import RMSNorm
 from mtrain.model.params import meta
 from mtrain.model.rope import rope_tables
 from mtrain.model.sharding import shard_tensor
-from mtrain.model.tp import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_cross_entropy
+from mtrain.model.tp import (ParallelLMHead, VocabParallelEmbedding, vocab_parallel_argmax,
+                             vocab_parallel_cross_entropy)
 from mtrain.runtime.context import StepContext
 from mtrain.runtime.program import Compute, Program, run_plain
 
@@ -50,6 +51,7 @@ class TokenCarry(LayerCarry):
     lm_loss: Optional[torch.Tensor] = None
     mtp_loss: Optional[torch.Tensor] = None  # summed over the depths run so far
     loss: Optional[torch.Tensor] = None
+    next_ids: Optional[torch.Tensor] = None  # greedy decoding: the most likely next token per position
 
 
 class MTPModule(nn.Module):
@@ -95,12 +97,17 @@ class ModelChunk(nn.Module):
                           hidden=None if self.is_first else received,
                           rope=rope_tables(self.cfg, ids.shape[1], ids.device))
 
-    def program(self) -> Program:
+    def program(self, greedy: bool = False) -> Program:
+        """The chunk's steps. ``greedy``: a last stage ends in the most likely
+        next token of every position (``next_ids``, no loss, no MTP) instead."""
         steps = []
         if self.is_first:
             steps.append(Compute(self._embed, "embed"))
         for layer in self.layers.values():
             steps += layer.program()
+        if self.is_last and greedy:
+            steps.append(Compute(self._greedy, "greedy"))
+            return Program(steps, output="next_ids", input="hidden")
         if self.is_last:
             steps.append(Compute(self._head, "head"))
             for mtp in self.mtp:
@@ -115,6 +122,21 @@ class ModelChunk(nn.Module):
         """Plain (non-pipelined) forward: the final carry (``loss`` and its parts
         on the last stage, else the hidden state ``hidden``)."""
         return run_plain(self.program().steps, self.initial_carry(batch, received), step or StepContext())
+
+    def logits(self, input_ids: torch.Tensor, mtp: bool = False):
+        """Logits ``[B, S, vocab]`` (this TP rank's vocabulary columns, padding
+        included) of a chunk holding the whole model, no loss: the main
+        model's, or with ``mtp`` a list of the main model's then each MTP
+        depth's (depth k at position i predicts token i+k+1; its last k
+        positions see wrapped-around tokens)."""
+        steps = [Compute(self._embed, "embed")] + [s for layer in self.layers.values() for s in layer.program()]
+        step = StepContext()
+        c = run_plain(steps, self.initial_carry({"input_ids": input_ids, "labels": None}, None), step)
+        out = [self.head(self.final_norm(c.hidden))]
+        for module in self.mtp if mtp else ():
+            c = run_plain(module.layer.program(), self._mtp_input(c, module), step)
+            out.append(self.head(module.final_norm(c.hidden)))
+        return out if mtp else out[0]
 
     # Steps.
     def _embed(self, c: TokenCarry, step) -> TokenCarry:
@@ -139,6 +161,10 @@ class ModelChunk(nn.Module):
         targets[:, -mtp.depth:] = IGNORE
         loss = self._logits_loss(c.hidden, mtp.final_norm, targets)
         return c.replace(mtp_loss=loss if c.mtp_loss is None else c.mtp_loss + loss)
+
+    def _greedy(self, c: TokenCarry, step) -> TokenCarry:
+        logits = self.head(self.final_norm(c.hidden))
+        return TokenCarry(next_ids=vocab_parallel_argmax(logits, self.groups.tp, self.cfg.vocab_size))
 
     def _total_loss(self, c: TokenCarry, step) -> TokenCarry:
         loss, mtp = c.lm_loss, None

@@ -294,3 +294,20 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tens
     target term: mask such tokens' losses.
     """
     return _VocabParallelCrossEntropy.apply(logits_shard, targets, group, vocab_size)
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits_shard: torch.Tensor, group: Group, vocab_size: int) -> torch.Tensor:
+    """The id of the largest logit at every position ``[...]`` from this rank's
+    logits ``[..., V_padded / tp]``, the same on every TP rank (greedy decoding).
+    Padding columns are excluded; a tie goes to the lowest id. Two all-reduces
+    of per-position values (max, then the lowest id holding it)."""
+    n_local = logits_shard.shape[-1]
+    start = tp_rank(group) * n_local
+    columns = torch.arange(start, start + n_local, device=logits_shard.device)
+    best, local = logits_shard.float().masked_fill(columns >= vocab_size, float("-inf")).max(dim=-1)
+    ids = local + start
+    if tp_size(group) > 1:
+        top = _all_reduce(best, group, dist.ReduceOp.MAX)
+        ids = _all_reduce(torch.where(best == top, ids, torch.full_like(ids, vocab_size)), group, dist.ReduceOp.MIN)
+    return ids

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -42,10 +42,10 @@ from mtrain.pipeline.instructions import (BACKWARD_INPUT, FORWARD, Instruction, 
                                           forward_source_rank)
 from mtrain.pipeline.p2p import PipeComm, RecvRequest
 from mtrain.pipeline.schedule_rules import num_model_stages, placement
-from mtrain.pipeline.schedules import build_schedule
+from mtrain.pipeline.schedules import build_schedule, forward_only
 from mtrain.pipeline.trace import OpRecord, RankTrace
 from mtrain.runtime.context import EventLog, StepContext, WeightGradSink
-from mtrain.runtime.program import drain, run_overlapped
+from mtrain.runtime.program import Carry, Program, drain, run_overlapped, run_plain
 from mtrain.runtime.runner import Chunk, ChunkRunner
 
 ChunkKey = tuple  # (stage, direction)
@@ -69,6 +69,16 @@ class StepResult:
     @property
     def idle(self) -> float:
         return self.wall - self.busy
+
+
+@dataclass
+class ForwardResult:
+    """One forward-only pass (:meth:`PipelineExecutor.forward_only`): the final
+    carry of every micro-batch whose last stage this rank runs (on the device;
+    the losses of a training program), and the pass's wall time."""
+
+    outputs: dict[int, Carry] = field(default_factory=dict)
+    wall: float = 0.0
 
 
 def expected_chunk_keys(schedule: str, pp: int, pp_rank: int) -> list[ChunkKey]:
@@ -290,3 +300,42 @@ class PipelineExecutor:
         if grad_in is None:
             raise RuntimeError(f"{op}: the chunk returned no input gradient to send to pipeline rank {dst}")
         return [(("B", op.stage, op.microbatch, op.direction), grad_in, dst)]
+
+    # -- forward only (evaluation) -------------------------------------------------
+    def forward_only(self, microbatches: Sequence[dict],
+                     program: Optional[Callable[[Chunk], Program]] = None) -> ForwardResult:
+        """Every micro-batch's forward through all stages and nothing else
+        (held-out evaluation): the order of
+        :func:`~mtrain.pipeline.schedules.forward_only`, the same p2p channels as
+        training, each chunk's program run plainly under ``torch.no_grad`` (no
+        recording, no step context kept, no gradient touched). ``program(chunk)``
+        gives the steps a chunk runs (default: its training program); any count
+        of micro-batches from 1 to the schedule's. Every rank of the pipeline
+        (and its expert-parallel peers) must call it with the same count."""
+        n = len(microbatches)
+        if not 1 <= n <= self.num_microbatches:
+            raise ValueError(f"got {n} micro-batches; a forward-only pass takes 1 to {self.num_microbatches}")
+        programs = {key: program(chunk) if program is not None else self.runners[key].program
+                    for key, chunk in self.chunks.items()}
+        ops = forward_only(self.schedule, self.pp, n, self.pp_rank)
+        result, start = ForwardResult(), time.perf_counter()
+        with torch.no_grad():
+            self.comm.post_recvs(self._recv_requests(ops[0], microbatches) if ops else [])
+            for i, op in enumerate(ops):
+                if i + 1 < len(ops):
+                    self.comm.post_recvs(self._recv_requests(ops[i + 1], microbatches))
+                key = (op.stage, op.direction)
+                source = self._source(op)
+                received = None if source is None else self.comm.take(*source)
+                carry = self.chunks[key].initial_carry(microbatches[op.microbatch], received)
+                final = run_plain(programs[key].steps, carry, StepContext(loss_scale=1.0 / n))
+                dst = forward_dest_rank(self.schedule, self.pp, op.stage, op.direction)
+                if dst is None:
+                    result.outputs[op.microbatch] = final
+                else:
+                    out = getattr(final, programs[key].output)
+                    self.comm.send([(("F", op.stage, op.microbatch, op.direction), out, dst)])
+                self.comm.poll_sends()
+            self.comm.finish()
+        result.wall = time.perf_counter() - start
+        return result

@@ -54,9 +54,11 @@ def rules(schedule: str) -> ScheduleRules:
                          f"choose one of {', '.join(SCHEDULE_NAMES)}") from None
 
 
-def schedule_errors(schedule: str, pp: int, num_microbatches: int) -> list[str]:
+def schedule_errors(schedule: str, pp: int, num_microbatches: Optional[int]) -> list[str]:
     """Every reason ``schedule`` cannot run with ``pp`` ranks and
-    ``num_microbatches`` micro-batches, each naming the fields and the fix."""
+    ``num_microbatches`` micro-batches, each naming the fields and the fix.
+    ``num_microbatches`` None checks the schedule and ``pp`` only (a count
+    derived from the global batch is checked against :func:`microbatch_rule`)."""
     if str(schedule) not in RULES:
         return [
             f"parallel.schedule={schedule!r} is not a known schedule; "
@@ -66,13 +68,15 @@ def schedule_errors(schedule: str, pp: int, num_microbatches: int) -> list[str]:
     errors = []
     if pp < 1:
         errors.append(f"parallel.pp={pp} must be at least 1")
-    if num_microbatches < 1:
-        errors.append(f"parallel.num_microbatches={num_microbatches} must be at least 1")
     if r.even_pp and pp % 2:
         errors.append(
             f"parallel.schedule={r.name} needs an even parallel.pp (got pp={pp}): "
             f"use pp={pp + 1} or pp={max(pp - 1, 2)}, or parallel.schedule=dualpipev"
         )
+    if num_microbatches is None:
+        return errors
+    if num_microbatches < 1:
+        errors.append(f"parallel.num_microbatches={num_microbatches} must be at least 1")
     if r.even_microbatches and num_microbatches % 2:
         errors.append(
             f"parallel.schedule={r.name} needs an even parallel.num_microbatches "
@@ -85,6 +89,15 @@ def schedule_errors(schedule: str, pp: int, num_microbatches: int) -> list[str]:
             f"(got {num_microbatches}): raise num_microbatches or lower pp"
         )
     return errors
+
+
+def microbatch_rule(schedule: str, pp: int) -> tuple[int, int]:
+    """``(multiple, minimum)``: the micro-batch counts ``schedule`` runs with
+    ``pp`` ranks are the multiples of ``multiple`` that are at least ``minimum``."""
+    r = rules(schedule)
+    multiple = 2 if r.even_microbatches else 1
+    minimum = max(r.min_microbatches_per_pp * pp, 1)
+    return multiple, -(-minimum // multiple) * multiple
 
 
 def num_model_stages(schedule: str, pp: int) -> int:

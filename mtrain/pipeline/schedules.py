@@ -20,7 +20,7 @@ from collections import deque
 from typing import Callable
 
 from mtrain.pipeline.instructions import Instruction, Op, Overlap
-from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, schedule_errors
+from mtrain.pipeline.schedule_rules import SCHEDULE_NAMES, microbatches_of_direction, placement, schedule_errors
 
 
 def _check_rank(pp: int, rank: int) -> None:
@@ -214,3 +214,25 @@ def build_schedule(name: str, pp: int, num_microbatches: int, rank: int) -> list
 
 def build_all_ranks(name: str, pp: int, num_microbatches: int) -> list[list[Instruction]]:
     return [build_schedule(name, pp, num_microbatches, r) for r in range(pp)]
+
+
+def forward_only(name: str, pp: int, num_microbatches: int, rank: int) -> list[Op]:
+    """The forwards of ``rank`` when nothing is trained (evaluation): every
+    micro-batch through every chunk the rank holds, chunk by chunk in stage
+    order, micro-batches in order within a chunk. The micro-batches of a
+    direction are those training sends that way (DualPipe: the first half in
+    direction 0, the rest in direction 1), for any count ``>= 1``.
+
+    No order of the ranks deadlocks: every rank runs its forwards in
+    increasing stage order and a forward waits only for a lower stage, so the
+    lowest unfinished forward can always run. Each channel carries one stage
+    link's forwards in micro-batch order on both sides, as in training.
+    """
+    _check_rank(pp, rank)
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be at least 1")
+    if str(name) not in SCHEDULES:
+        raise ValueError("; ".join(schedule_errors(name, pp, num_microbatches)))
+    keys = sorted(placement(name, pp, rank, mtp=False).chunk_keys)
+    return [Op("F", stage, m, direction) for stage, direction in keys
+            for m in microbatches_of_direction(name, num_microbatches, direction)]

@@ -14,6 +14,7 @@ import torch.nn as nn
 from mtrain.model.block import ModelGroups
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.partition import stage_layers
+from mtrain.parallel.env import ep_nodes, ranks_per_node
 from mtrain.pipeline.schedule_rules import placement
 
 ChunkKey = tuple[int, int]  # (stage, direction)
@@ -29,9 +30,10 @@ def coords_of(groups) -> dict:
 def model_groups(cfg, groups) -> ModelGroups:
     if groups is None:
         return ModelGroups(dispatcher=cfg.parallel.dispatcher, deepep_num_sms=cfg.parallel.deepep_num_sms)
+    p = cfg.parallel
     return ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), expert_tp=groups.group("expert_tp"),
-                       dispatcher=cfg.parallel.dispatcher,
-                       deepep_num_sms=cfg.parallel.deepep_num_sms)
+                       dispatcher=p.dispatcher, deepep_num_sms=p.deepep_num_sms,
+                       ep_nodes=ep_nodes(groups.size("ep"), groups.size("tp"), ranks_per_node(), p.ep_ranks_per_node))
 
 
 def build_chunks(cfg, groups=None, pp_rank: int = 0, seed: Optional[int] = None) -> dict[ChunkKey, ModelChunk]:

@@ -17,6 +17,12 @@ into this rank's local slices in place, resharding as needed. The directory
 protocol (temporary directory, manifest, ``latest``) is in
 :mod:`mtrain.train.checkpoint_files`.
 
+Every save step that can fail on storage (a full disk) is agreed on by all
+ranks: a failure anywhere removes the temporary directory and raises
+:class:`CheckpointSaveError` on every rank, leaving the previous checkpoint
+and ``latest`` as they were. Each rank checksums the files it wrote right
+after writing them; rank 0 seals the manifest with those digests.
+
 What is saved comes from named ``Stateful`` components (``state_dict()`` /
 ``load_state_dict()``). *Sharded* components give global name -> local tensor
 and go through DCP as above; *per-rank* components give small picklable state
@@ -28,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import re
+import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,18 +44,22 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from mtrain.model.params import ParamMeta, meta
+from mtrain.train.checkpoint_errors import (CheckpointError, CheckpointSaveError, Failure, ResumeRefused,
+                                            save_error, storage_failure)
 from mtrain.train.checkpoint_files import (FORMAT_VERSION, CorruptCheckpointError, finalize, find_latest,
-                                           read_manifest, reach, remove_stale_tmp, step_dir, tmp_dir,
+                                           latest_name, read_manifest, reach, remove_stale_tmp, step_dir, tmp_dir,
                                            verify_checkpoint)
+from mtrain.train.checksums import file_digests
 
 __all__ = ["Checkpointer", "CheckpointSave", "find_latest", "verify_checkpoint", "read_manifest",
-           "CorruptCheckpointError", "stored_dtypes"]
+           "CorruptCheckpointError", "CheckpointError", "CheckpointSaveError", "ResumeRefused", "stored_dtypes"]
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +188,6 @@ def _single_process_quiet(pg):
         yield
 
 
-def _barrier(pg) -> None:
-    if pg is not None:
-        dist.barrier(group=pg)
-
-
 def _raise_if_any(error: Optional[Exception], pg) -> None:
     """Raise on every rank if any rank hit ``error`` (a KeyError or ValueError),
     so no rank is left waiting in a collective the failing one never joins."""
@@ -200,6 +207,73 @@ def _collect_error(fn):
         return fn(), None
     except (ValueError, KeyError) as e:
         return None, e
+
+
+def _all_gather(value, pg) -> list:
+    if pg is None:
+        return [value]
+    found = [None] * _world(pg)
+    dist.all_gather_object(found, value, group=pg)
+    return found
+
+
+def _broadcast(value, pg):
+    if pg is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=pg)  # pg spans all ranks
+    return box[0]
+
+
+def _save_failed(root: Path, step: int, failures: list[Failure], pg, context: str = "") -> None:
+    """Raise on every rank if any rank failed (every rank passes the same
+    list). Storage failures only: rank 0 removes the temporary directory and
+    all raise :class:`CheckpointSaveError`; otherwise a ``RuntimeError`` naming
+    the ranks (the directory stays for inspection, as after a crash)."""
+    if not failures:
+        return
+    if all(f.errno is not None for f in failures):
+        if _rank(pg) == 0:
+            shutil.rmtree(tmp_dir(root, step), ignore_errors=True)
+        raise save_error(root, step, failures[0], latest_name(root))
+    raise RuntimeError(context + "; ".join(f"rank {f.rank}: {f.message}" for f in failures))
+
+
+def _agree(root: Path, step: int, pg, fn) -> list:
+    """Run ``fn`` on every rank and gather the results; a failure on any rank
+    is raised on every rank (see :func:`_save_failed`)."""
+    try:
+        result, failure = fn(), None
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        result, failure = None, Failure.of(_rank(pg), e)
+    gathered = _all_gather((result, failure), pg)
+    _save_failed(root, step, [f for _, f in gathered if f is not None], pg)
+    return [r for r, _ in gathered]
+
+
+def _dcp_step(root: Path, step: int, pg, fn):
+    """Run a DCP call, which raises the same failure on every rank by itself;
+    a storage failure becomes :class:`CheckpointSaveError` (see :func:`_save_failed`)."""
+    try:
+        return fn()
+    except (Exception, CheckpointException) as e:
+        failure = storage_failure(_rank(pg), e)
+        if failure is None:
+            raise
+        _save_failed(root, step, [failure], pg)
+
+
+# DCP names each data file after the rank that writes it: __<rank>_<n>.distcp.
+_DCP_DATA = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def _own_digests(directory: Path, rank: int) -> dict[str, str]:
+    """Checksums of the files this rank wrote into ``directory`` (its DCP
+    data files and its extra file), read back right after writing; rank 0
+    hashes the rest (``.metadata``) when it seals."""
+    mine = [p for p in directory.iterdir() if (m := _DCP_DATA.match(p.name)) and int(m.group(1)) == rank]
+    mine.append(_extra_file(directory, rank))
+    return {p.relative_to(directory).as_posix(): d for p, d in file_digests(mine).items()}
 
 
 # -- components --------------------------------------------------------------------
@@ -243,26 +317,24 @@ class CheckpointSave:
 
 
 def _finish(root: Path, step: int, keep_last: int, pg) -> Path:
-    """Every rank: after all data is written, rank 0 seals and publishes; all
-    ranks learn the outcome."""
+    """Every rank: after all data is written, each checksums its own files,
+    rank 0 seals (with those digests) and publishes; all ranks learn the outcome."""
     reach("written")
-    _barrier(pg)
-    error = None
-    if _rank(pg) == 0:
+    tmp, rank = tmp_dir(root, step), _rank(pg)
+    gathered = _agree(root, step, pg, lambda: _own_digests(tmp, rank))  # also the barrier before sealing
+    failure = None
+    if rank == 0:
         try:
-            required = [_extra_file(tmp_dir(root, step), r) for r in range(_world(pg))]
+            required = [_extra_file(tmp, r) for r in range(_world(pg))]
             missing = [str(p) for p in required if not p.is_file()]
             if missing:
                 raise CorruptCheckpointError(f"extra state missing after the save: {missing}")
-            finalize(root, step, _world(pg), keep_last)
+            finalize(root, step, _world(pg), keep_last, checksums={k: v for d in gathered for k, v in d.items()})
         except Exception as e:  # reported on every rank below
-            error = f"finalising checkpoint {step_dir(root, step)} failed: {e!r}"
-    if pg is not None:
-        box = [error]
-        dist.broadcast_object_list(box, src=0, group=pg)  # pg spans all ranks
-        error = box[0]
-    if error:
-        raise RuntimeError(error)
+            failure = Failure.of(0, e)
+    failure = _broadcast(failure, pg)
+    context = f"finalising checkpoint {step_dir(root, step)} failed: "
+    _save_failed(root, step, [failure] if failure else [], pg, context)
     return step_dir(root, step)
 
 
@@ -336,6 +408,7 @@ class Checkpointer:
         self.async_save = async_save
         self._pending: Optional[CheckpointSave] = None
         self._pg = None
+        self._verified: dict[Path, dict] = {}  # path -> manifest, verified by all ranks since the last save
 
     def _group(self):
         """A gloo group over all ranks for checkpoint traffic only, so an async
@@ -352,6 +425,43 @@ class Checkpointer:
         handle, self._pending = self._pending, None
         return handle.wait() if handle is not None else None
 
+    def verify(self, path: Path | str) -> dict:
+        """Verify the checkpoint at ``path`` against its manifest, all ranks
+        together: each checks every file's presence and size and the checksums
+        of its share of the files. Collective; returns the manifest or raises
+        :class:`CorruptCheckpointError` on every rank naming every problem
+        found. A path verified since the last save is not read again."""
+        path = Path(path)
+        if path in self._verified:
+            return self._verified[path]
+        pg = self._group()
+        try:
+            manifest, problem = verify_checkpoint(path, part=_rank(pg), parts=_world(pg)), None
+        except CorruptCheckpointError as e:
+            manifest, problem = None, str(e)
+        problems = sorted({p for p in _all_gather(problem, pg) if p is not None})
+        if problems:
+            raise CorruptCheckpointError("; ".join(problems))
+        self._verified[path] = manifest
+        return manifest
+
+    def on_rank0(self, fn):
+        """Run ``fn()`` on rank 0 only and return its result on every rank;
+        its exception is raised on every rank (as ``RuntimeError`` elsewhere). Collective."""
+        pg = self._group()
+        result = error = None
+        if _rank(pg) == 0:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        result, message = _broadcast((result, error and f"rank 0: {type(error).__name__}: {error}"), pg)
+        if error is not None:
+            raise error
+        if message:
+            raise RuntimeError(message)
+        return result
+
     def save(self, step: int, sharded: Mapping[str, Stateful],
              per_rank: Optional[Mapping[str, Stateful]] = None, *,
              metas: Optional[Mapping[str, ParamMeta]] = None) -> CheckpointSave:
@@ -365,22 +475,28 @@ class Checkpointer:
         handle whose ``wait()`` gives the final directory.
         """
         self.wait()
+        self._verified.clear()
         per_rank = per_rank or {}
         root, pg = self.root, self._group()
         rank = _rank(pg)
         tmp = tmp_dir(root, step)
-        if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            remove_stale_tmp(root)
-            (tmp / EXTRA_DIR).mkdir(parents=True)
-        _barrier(pg)
+
+        def prepare():
+            if rank == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                remove_stale_tmp(root)
+                (tmp / EXTRA_DIR).mkdir(parents=True)
+
+        _agree(root, step, pg, prepare)  # also the barrier before anyone writes
         state, error = _collect_error(lambda: logical_state_dict(_sharded_states(sharded)[1], self.groups, metas))
         _raise_if_any(error, pg)
-        torch.save({key: component.state_dict() for key, component in per_rank.items()}, _extra_file(tmp, rank))
+        extra = {key: component.state_dict() for key, component in per_rank.items()}
+        _agree(root, step, pg, lambda: torch.save(extra, _extra_file(tmp, rank)))
 
         if not self.async_save:
             with _single_process_quiet(pg):
-                dcp.save(state, checkpoint_id=tmp, process_group=pg, no_dist=pg is None)
+                _dcp_step(root, step, pg, lambda: dcp.save(state, checkpoint_id=tmp, process_group=pg,
+                                                         no_dist=pg is None))
             return CheckpointSave(_finish(root, step, self.keep_last, pg))
 
         with _single_process_quiet(pg):
@@ -389,7 +505,7 @@ class Checkpointer:
         keep_last = self.keep_last
 
         def complete() -> Path:
-            upload.result()
+            _dcp_step(root, step, pg, upload.result)
             return _finish(root, step, keep_last, pg)
 
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-finalise")
@@ -413,7 +529,7 @@ class Checkpointer:
         self.wait()
         per_rank = per_rank or {}
         path = Path(path)
-        manifest = verify_checkpoint(path)
+        manifest = self.verify(path)
         if manifest.get("format", 1) != FORMAT_VERSION:
             raise ValueError(f"{path}: written in checkpoint format {manifest.get('format', 1)}, this mtrain reads "
                              f"format {FORMAT_VERSION}; resume it with the mtrain release that wrote it, or start "

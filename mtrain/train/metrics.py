@@ -152,6 +152,9 @@ class StepMetrics:
     grad_sync_mb: Optional[float] = None
     expert_load_imbalance: Optional[float] = None  # max over MoE layers
     expert_load_imbalance_per_layer: Optional[dict[str, float]] = None  # MoE layer name -> max/mean
+    global_batch_size: Optional[int] = None  # sequences in this step (a batch-size ramp changes it)
+    consumed_samples: Optional[int] = None  # global samples consumed after this step
+    blend_samples: Optional[dict[str, int]] = None  # data.blend: samples drawn from each dataset so far
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> "StepMetrics":

@@ -148,6 +148,46 @@ class Reporter:
         elif due:
             print(self.status_line(record), file=self.stream, flush=True)
 
+    # -- evaluation -----------------------------------------------------------
+    def log_eval(self, record: Mapping) -> None:
+        """Report one held-out evaluation (:mod:`mtrain.train.evaluate`): a line of
+        metrics.jsonl with ``"kind": "eval"``, a console line, and wandb /
+        TensorBoard as ``eval/<key>`` at the record's step (the greedy sample as text)."""
+        if not self.active:
+            return
+        record = eval_json(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        line = eval_status_line(record)
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+        step, scalars = record["step"], eval_scalars(record)
+        sample = record.get("sample")
+        if self._wandb is not None:
+            import wandb
+
+            extra = {"eval/sample": wandb.Html(f"<pre>{_html(sample_text(sample))}</pre>")} if sample else {}
+            self._wandb.log({**scalars, **extra}, step=step)
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, step)
+            if sample:
+                self._tensorboard.add_text("eval/sample", sample_text(sample), step)
+
+    def eval_progress(self, total: int):
+        """``(advance, close)`` for an evaluation of ``total`` batches: a second
+        tqdm bar under the training bar on a terminal (``logging.progress``),
+        else no-ops."""
+        bar = None
+        if self.active and self._bar is not None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, file=self.stream, unit="batch", desc="eval", position=1, leave=False,
+                       dynamic_ncols=True)
+        return (bar.update if bar else lambda n: None), (bar.close if bar else lambda: None)
+
     # -- expert-load heatmap ------------------------------------------------
     def _log_heatmap(self, step: int, names: list[str], loads: torch.Tensor) -> None:
         image = render_expert_load(names, loads, step)
@@ -208,6 +248,46 @@ def save_png(image: np.ndarray, path: Union[str, os.PathLike]) -> None:
     from matplotlib.image import imsave
 
     imsave(path, image)
+
+
+# -- evaluation records -------------------------------------------------------------
+EVAL_SCALARS = ("lm_loss", "ppl", "mtp_loss", "samples", "tokens", "eval_time_s")
+
+
+def eval_json(record: Mapping) -> dict:
+    """The record as strict JSON: non-finite numbers (a diverged loss) become None."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dict(record).items()}
+
+
+def eval_scalars(record: Mapping) -> dict[str, float]:
+    """``eval/<key>`` of the record's numbers, for wandb and TensorBoard."""
+    return {f"eval/{k}": float(record[k]) for k in EVAL_SCALARS if record.get(k) is not None}
+
+
+def sample_text(sample: Mapping) -> str:
+    return f"{sample['prompt']}{sample['completion']}"
+
+
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def eval_status_line(record: Mapping) -> str:
+    """``eval step 200 (valid) | lm loss 4.6782 | ppl 107.6 | ...`` (then the greedy sample, if any)."""
+    def number(key: str, fmt: str) -> str:
+        value = record.get(key)
+        return "nan" if value is None else format(value, fmt)
+
+    parts = [f"eval step {record['step']} ({record.get('source', 'valid')})", f"lm loss {number('lm_loss', '.4f')}",
+             f"ppl {number('ppl', '.4g')}"]
+    if "mtp_loss" in record:
+        parts.append(f"mtp loss {number('mtp_loss', '.4f')}")
+    parts.append(f"{record['samples']} samples ({record['tokens']} tokens) in {record['eval_time_s']:.1f} s")
+    line = " | ".join(parts)
+    sample = record.get("sample")
+    if sample:
+        line += f"\n  sample: {sample_text(sample)!r}"
+    return line
 
 
 # -- helpers ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,9 @@ from omegaconf import OmegaConf
 from mtrain.config.schema import resolve_dtype
 from mtrain.config.validate import ConfigError
 from mtrain.train.preflight import check_config
+from mtrain.data.batching import batch_schedule
 from mtrain.data.build import build_gpt_dataset
+from mtrain.data.heldout import EvalBatches, build_heldout_dataset, find_tokenizer
 from mtrain.data.gpt_dataset import StepLoader
 from mtrain.model.moe.layer import MoELayer
 from mtrain.pipeline.stages import build_chunks, unique_parameters
@@ -37,11 +39,14 @@ from mtrain.pipeline.render import render_timeline
 from mtrain.pipeline.schedule_rules import copy_groups, placement
 from mtrain.pipeline.trace import bubble_percent, gather_traces, to_timelines, write_chrome_trace
 from mtrain.train import checkpoint as ckpt
+from mtrain.train import checkpoint_resume
 from mtrain.train.grads import attach_main_grads, global_grad_norm, main_grad, reduce_gradients
 from mtrain.train.lr import LRSchedule
 from mtrain.train.metrics import StepTimer, peak_memory_bytes, throughput
 from mtrain.train.optimizer import ZeroAdamW
+from mtrain.train.init_from import load_initial_weights
 from mtrain.train.state import ModelState, Progress, RNGState
+from mtrain.train.evaluate import Evaluator
 
 log = logging.getLogger("mtrain")
 
@@ -93,6 +98,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.groups, keep_last=cfg.checkpoint.keep_last,
+                                              async_save=cfg.checkpoint.async_save)
+        self._resume_plan: Optional[checkpoint_resume.ResumePlan] = None  # chosen once, by all ranks together
         self.chunks = build_chunks(cfg, self.groups, self.pp_rank)
         self.dtype = self._training_dtype()
         for chunk in self.chunks.values():
@@ -109,22 +117,23 @@ class Trainer:
                         if self.placement.speaks_for(key, name)}
         channels = create_p2p_channels(self.layout.groups["pp"], p.schedule, p.pp,
                                        datetime.timedelta(seconds=cfg.train.collective_timeout_s))
-        self.executor = PipelineExecutor(p.schedule, p.pp, self.pp_rank, p.num_microbatches, self.chunks,
-                                         self.layout.group_of("pp", self.rank), overlap=p.overlap, channels=channels)
+        # The global batch of each step (train.global_batch_size, its ramp) and one executor per micro-batch count.
+        self.batch = batch_schedule(cfg.train, p, self.groups.size("dp"))
+        self._channels, self._executors = channels, {}
+        self.executor = self._executor_for(self.batch.num_microbatches)
         self.optimizer = ZeroAdamW(self.params, self.groups, cfg.train, zero=cfg.train.zero1)
         self.lr = LRSchedule(cfg.train)
 
-        dataset = build_gpt_dataset(cfg.data, cfg.model.vocab_size)
-        self.loader = StepLoader(dataset, cfg.train.micro_batch_size, p.num_microbatches,
-                                 self.groups.index("dp"), self.groups.size("dp"))
-        self.tokens_per_step = cfg.train.micro_batch_size * p.num_microbatches * self.groups.size("dp") * cfg.data.seq_len
+        dataset = build_gpt_dataset(cfg.data, cfg.model.vocab_size, split=cfg.eval.split)  # its train part
+        self.loader = StepLoader(dataset, cfg.train.micro_batch_size, self.batch.num_microbatches,
+                                 self.groups.index("dp"), self.groups.size("dp"), schedule=self.batch)
+        self.tokens_per_step = self.batch.global_batch_size * cfg.data.seq_len  # at the full batch; see train_step
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.timer = StepTimer(self.device)
-        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.groups, keep_last=cfg.checkpoint.keep_last,
-                                              async_save=cfg.checkpoint.async_save)
         self.step = 0
         self.bad_steps = 0
         self.reporter = None
+        self.evaluator = self._build_evaluator()
 
     # -- helpers --------------------------------------------------------
     @contextlib.contextmanager
@@ -133,6 +142,8 @@ class Trainer:
         timeout otherwise says little about where the run was)."""
         try:
             yield
+        except ckpt.CheckpointError:
+            raise  # says what failed and the fix already, the same on every rank
         except Exception as e:
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise RuntimeError(f"rank {rank}, step {getattr(self, 'step', 0)}: {what} failed: {e}") from e
@@ -200,34 +211,125 @@ class Trainer:
         per_rank = {"progress": progress, "data": self.loader, "lr": self.lr, "rng": RNGState(self.device, self.world)}
         return sharded, per_rank
 
-    def save(self) -> None:
+    def save(self, final: bool = False) -> None:
+        """Checkpoint this step. A save that fails on storage (a full disk)
+        leaves the previous checkpoint and ``latest`` as they were; then
+        ``checkpoint.on_save_error`` says whether training goes on (retrying
+        at the next interval) or stops. A ``final`` save (the last step, a stop
+        request) has no next interval: its failure always stops the run."""
         with self.phase(f"saving checkpoint of step {self.step}"):
-            self.checkpointer.save(self.step, *self.checkpoint_components(Progress(self.step)))
+            try:
+                self.checkpointer.wait()  # an async save still in flight reports its failure here
+            except ckpt.CheckpointSaveError as e:
+                self._on_save_error(e, final=False)
+            try:
+                self.checkpointer.save(self.step, *self.checkpoint_components(Progress(self.step)))
+                if final:
+                    self.checkpointer.wait()
+            except ckpt.CheckpointSaveError as e:
+                self._on_save_error(e, final)
+
+    def _on_save_error(self, error: ckpt.CheckpointSaveError, final: bool) -> None:
+        c = self.cfg.checkpoint
+        if final or c.on_save_error == "stop":
+            raise error
+        log.warning("%s. Training goes on (checkpoint.on_save_error=continue) and saves again at the next "
+                    "checkpoint.interval (%d steps)", error, c.interval)
 
     def _resume_path(self) -> Optional[Path]:
-        choice = self.cfg.checkpoint.resume
-        if choice == "none":
-            return None
-        return ckpt.find_latest(self.ckpt_dir) if choice == "latest" else Path(choice)
+        """The verified checkpoint this run continues from (None: step 0),
+        chosen once by all ranks together (see :mod:`checkpoint_resume`)."""
+        if self._resume_plan is None:
+            self._resume_plan = checkpoint_resume.plan_resume(self.checkpointer, str(self.cfg.checkpoint.resume))
+        return self._resume_plan.path
 
     def maybe_resume(self) -> None:
         path = self._resume_path()
-        if path is None:
-            return
-        progress = Progress()
-        # The lr schedule warns when it changed; RNG states come back only at the same world size.
-        with self.phase(f"loading checkpoint {path}"):
-            self.checkpointer.load(path, *self.checkpoint_components(progress))
-        self.step = progress.step
+        if path is not None:
+            progress = Progress()
+            # The lr schedule warns when it changed; RNG states come back only at the same world size.
+            with self.phase(f"loading checkpoint {path}"):
+                self.checkpointer.load(path, *self.checkpoint_components(progress))
+            self.step = progress.step
+            if self.rank == 0:
+                log.info("resumed from %s at step %d", path, self.step)
+            self._check_data_position()
+        # Refuse to start over on checkpoints, or set aside what failed verification
+        # and what this run's saves would overwrite (before any initial weights load).
+        checkpoint_resume.apply_plan(self.checkpointer, self._resume_plan, self.step,
+                                     self.cfg.checkpoint.allow_fresh_start)
+        if path is None and self.cfg.checkpoint.init_from:  # nothing to resume: start from these weights (docs/hf.md)
+            with self.phase(f"loading initial weights from {self.cfg.checkpoint.init_from}"):
+                load_initial_weights(self.cfg.checkpoint.init_from, self.checkpointer, self.params,
+                                     self.chunks.values(), self.optimizer, self.cfg.model, self.run_dir)
+
+    # -- global batch and data position ---------------------------------------
+    def _executor_for(self, num_microbatches: int) -> PipelineExecutor:
+        """The pipeline executor for a step of ``num_microbatches`` micro-batches,
+        built on first use and kept (a batch-size ramp runs several counts; the
+        schedule's rules were checked for each by the preflight). Building one
+        is local: the p2p channels are created once, by the constructor."""
+        executor = self._executors.get(num_microbatches)
+        if executor is None:
+            p = self.cfg.parallel
+            executor = PipelineExecutor(p.schedule, p.pp, self.pp_rank, num_microbatches, self.chunks,
+                                        self.layout.group_of("pp", self.rank), overlap=p.overlap,
+                                        channels=self._channels)
+            self._executors[num_microbatches] = executor
+        return executor
+
+    def _check_data_position(self) -> None:
+        """After a resume every rank must continue from the same global data
+        position (samples consumed). It is saved per rank, identical on all;
+        a resume on another world size gives every rank rank 0's. Any dp and
+        micro-batch size then cut the same global batches from it."""
+        consumed = self.loader.position.consumed_samples
+        bounds = torch.tensor([consumed, -consumed], dtype=torch.int64, device=self.device)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        high, low = int(bounds[0].item()), -int(bounds[1].item())
+        if high != low:
+            raise RuntimeError(f"the checkpoint's data positions disagree between ranks ({low} to {high} samples "
+                               f"consumed); resume from another checkpoint")
         if self.rank == 0:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("data position: %d samples consumed; the next step's global batch is %d sequences",
+                     consumed, self.loader.global_batch)
+
+    def _log_data_plan(self) -> None:
+        """Rank 0 logs the global batch (and its ramp) and, for a blend, what
+        each dataset gives to the whole run."""
+        if self.rank != 0:
+            return
+        b, steps = self.batch, self.cfg.train.steps
+        log.info("global batch %d sequences = %d micro-batches of %d on each of %d data-parallel ranks",
+                 b.global_batch_size, b.num_microbatches, b.micro_batch_size, b.dp)
+        if b.ramp is not None:
+            ramp_steps, ramp_samples = b.ramp_steps()
+            log.info("batch ramp: %d -> %d sequences by %d over the first %d samples (%d ramp steps take %d "
+                     "samples; the full batch from step %d)", b.ramp.start_size, b.global_batch_size,
+                     b.ramp.increment, b.ramp.ramp_samples, ramp_steps, ramp_samples, ramp_steps + 1)
+        summary = getattr(self.loader.dataset, "summary", None)
+        if summary is not None:
+            total = b.samples_after(steps)
+            log.info("data blend over %d steps (%d samples):\n  %s", steps, total, "\n  ".join(summary(total)))
+
+    def _data_metrics(self, global_batch: int) -> dict:
+        """The step's global batch, the samples consumed after it and, for a
+        blend, the samples drawn from each dataset so far."""
+        consumed = self.loader.position.consumed_samples
+        out = {"global_batch_size": global_batch, "consumed_samples": consumed}
+        counts = getattr(self.loader.dataset, "source_counts", None)
+        if counts is not None:
+            out["blend_samples"] = counts(consumed)
+        return out
 
     # -- one step -----------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
         self.timer.start()
+        global_batch = self.loader.global_batch  # this step's (a batch-size ramp changes it)
         batches = [{"input_ids": x.to(self.device, non_blocking=True), "labels": y.to(self.device, non_blocking=True)}
                    for x, y in self.loader.next_step()]
+        self.executor = self._executor_for(len(batches))
         self.optimizer.zero_grad()
         self.executor.trace = self.step + 1 == cfg.logging.trace_step
         with self.phase("pipeline step"):
@@ -269,13 +371,13 @@ class Trainer:
         dist.all_reduce(bubble)
         bubble_pct = 100.0 * bubble.item() / self.world  # the step's last sync
         elapsed = self.timer.seconds()
-        speed = throughput(self.tokens_per_step, elapsed, self.flops_per_token, self.world,
+        speed = throughput(global_batch * cfg.data.seq_len, elapsed, self.flops_per_token, self.world,
                            cfg.cluster.peak_tflops, self.dtype)
         return {
             "step": self.step, **losses, "grad_norm": float(norm), "lr": lr,
             **speed, "bubble_pct": bubble_pct, "grad_sync_mb": sync_bytes / 2**20,
             "peak_memory_gb": peak_memory_bytes() / 2**30, "step_time_s": elapsed, "skipped": not finite,
-            "_loads": loads,
+            **self._data_metrics(global_batch), "_loads": loads,
         }
 
     def _write_trace(self, trace) -> None:
@@ -330,12 +432,86 @@ class Trainer:
         counted = {name for name, _ in self.moe_layers(counted_only=True)}
         return {k: v for k, v in loads.items() if k in counted}
 
+    # -- held-out evaluation (mtrain.train.evaluate) ---------------------------
+    def _build_evaluator(self) -> Optional[Evaluator]:
+        """The run's held-out evaluation; None when nothing is held out (no
+        ``eval.split``, no ``eval.path``)."""
+        cfg, b = self.cfg, self.batch
+        try:
+            dataset = build_heldout_dataset(cfg.data, cfg.eval, cfg.model.vocab_size)
+            if dataset is None:
+                return None
+            batches = EvalBatches(dataset, cfg.eval.steps, b.micro_batch_size, b.num_microbatches,
+                                  self.groups.index("dp"), self.groups.size("dp"))
+        except ValueError as e:  # too few held-out documents or samples: the fix is in the config
+            raise ConfigError([str(e)]) from e
+        tokenizer = None
+        if cfg.eval.prompt:
+            tokenizer, path = find_tokenizer(cfg.data, cfg.model.vocab_size)
+            if tokenizer is None and self.rank == 0:
+                log.warning("eval.prompt is set but there is no tokenizer at %s (set data.tokenizer): "
+                            "evaluations show no greedy sample", path)
+        return Evaluator(cfg.eval, cfg.model, batches, self._executor_for(b.num_microbatches), self.chunks,
+                         speaks=self.groups.index("tp") == 0, device=self.device,
+                         source="valid" if cfg.eval.path is None else str(cfg.eval.path), tokenizer=tokenizer,
+                         tp_size=self.groups.size("tp"))
+
+    def maybe_evaluate(self, last: bool) -> Optional[dict]:
+        """Evaluate after this step when due: every ``eval.interval`` steps and,
+        with ``eval.at_end``, after the last one."""
+        e = self.cfg.eval
+        due = (bool(e.interval) and self.step % e.interval == 0) or (last and e.at_end)
+        return self.evaluate() if due and self.evaluator is not None else None
+
+    def evaluate(self, progress: Optional[Callable[[int], None]] = None) -> dict:
+        """The held-out loss of the model as it is now (every rank together);
+        reported (metrics.jsonl, console, wandb, TensorBoard) when the loop's
+        reporter runs. ``progress(n)``: called after every held-out batch."""
+        if self.evaluator is None:
+            raise ConfigError(["nothing is held out to evaluate: set eval.split=98/1/1 (documents of data.path) "
+                               "or eval.path=<indexed dataset prefix>"])
+        close = None
+        if progress is None and self.reporter is not None:
+            progress, close = self.reporter.eval_progress(len(self.evaluator.batches))
+        try:
+            with self.phase(f"evaluation after step {self.step}"):
+                record = self.evaluator.run(self.step, progress)
+        finally:
+            if close is not None:
+                close()
+        if self.reporter is not None:
+            self.reporter.log_eval(record)
+        return record
+
+    def load_model(self, path: Path) -> None:
+        """Only the model's weights and router biases (and the step) from the
+        checkpoint at ``path``, resharded to this run's layout; optimizer, data
+        position, LR schedule and RNG stay as built."""
+        with self.phase(f"loading model weights from {path}"):
+            self.checkpointer.load(path, {"model": ModelState(self.params, self.chunks.values())})
+            self.step = int(ckpt.read_manifest(path)["step"])
+
+    def evaluate_checkpoint(self, progress: Optional[Callable[[int], None]] = None) -> dict:
+        """``mtrain-eval``: the held-out loss of the checkpoint ``checkpoint.resume``
+        names (``latest``: the run's newest; ``none``: the initial weights) at
+        the layout launched. The record adds ``checkpoint``."""
+        path = self._resume_path()
+        if path is None and self.cfg.checkpoint.resume != "none":
+            raise ConfigError([f"no complete checkpoint under {self.ckpt_dir} to evaluate: pass "
+                               f"checkpoint.resume=<checkpoint directory> (or checkpoint.dir=<its parent>)"])
+        if path is not None:
+            self.load_model(path)
+        record = self.evaluate(progress)
+        record["checkpoint"] = None if path is None else str(path)
+        return record
+
     # -- the loop -------------------------------------------------------------
     def run(self) -> int:
         from mtrain.train.reporting import Reporter
 
         cfg = self.cfg
         self.maybe_resume()
+        self._log_data_plan()
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
         if self.rank == 0:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
@@ -354,15 +530,17 @@ class Trainer:
                     self.reporter.log(metrics, expert_loads=merged)
                 last = self.step == cfg.train.steps
                 exit_now = bool(cfg.train.exit_interval) and self.step % cfg.train.exit_interval == 0
-                if self._stop_agreed() or (exit_now and not last):
-                    self.save()
-                    self.checkpointer.wait()
+                stop = self._stop_agreed()
+                if not stop:  # a stop request (preemption) checkpoints first
+                    self.maybe_evaluate(last)
+                if stop or (exit_now and not last):
+                    self.save(final=True)
                     if self.rank == 0:
                         log.warning("stopped at step %d; checkpoint written", self.step)
                     self.stopped_early = True  # the launcher may requeue the job (Slurm's time-limit warning)
                     return 0
                 if last or self.step % cfg.checkpoint.interval == 0:
-                    self.save()
+                    self.save(final=last)
             self.checkpointer.wait()
             return 0
         finally:

@@ -151,14 +151,19 @@ def test_crash_before_latest_keeps_previous_checkpoint(tmp_path, crash_at, point
     assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, third.name]
 
 
-def test_saving_a_step_again_replaces_it(tmp_path):
-    save(tmp_path, 1)
+def test_saving_a_step_again_replaces_it_and_sets_the_first_aside(tmp_path):
+    first = save(tmp_path, 1)
+    first_manifest = (first / MARKER).read_text()
     path = save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"again": True}).wait()
     loaded = {"w": torch.zeros(3)}
     assert load_checkpoint(path, loaded) == {"again": True}
     assert torch.equal(loaded["w"], torch.ones(3))
     assert json.loads((path / MARKER).read_text())["step"] == 1
-    assert [p.name for p in tmp_path.iterdir() if p.name != LATEST] == [path.name]
+    # The earlier save of the step is never deleted: it is set aside, intact.
+    aside = [p for p in tmp_path.iterdir() if p.name not in (LATEST, path.name)]
+    assert [p.name.split("-")[0] for p in aside] == [path.name + ".superseded"]
+    assert (aside[0] / MARKER).read_text() == first_manifest
+    verify_checkpoint(aside[0])
 
 
 def test_async_save_finalises_in_the_background(tmp_path):

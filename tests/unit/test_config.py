@@ -94,3 +94,16 @@ def test_check_config_raises_with_all_errors():
         check_config(cfg)
     assert len(info.value.errors) >= 3
     assert "model.num_heads" in str(info.value)
+
+
+def test_deepep_is_refused_where_it_cannot_run():
+    from mtrain.train.preflight import config_errors
+
+    # A launched CPU run (gloo) trains in fp32, which DeepEP cannot send; ep=1 has nothing to exchange.
+    assert config_errors(load_config(["parallel.dispatcher=deepep", "parallel.ep=2", "parallel.backend=gloo"]), 4) == [
+        "parallel.dispatcher=deepep sends bf16 (its combine is bf16 only); train.dtype=fp32: set train.dtype=bf16 "
+        "or parallel.dispatcher=alltoall"]
+    errors = config_errors(load_config(["parallel.dispatcher=deepep", "parallel.ep=1", "train.dtype=bf16"]), 4)
+    assert errors == ["parallel.dispatcher=deepep needs parallel.ep > 1 (with ep=1 nothing is exchanged: use auto)"]
+    # Planned without processes, auto is taken to be GPUs in bf16.
+    assert config_errors(load_config(["parallel.dispatcher=deepep", "parallel.ep=2"])) == []

@@ -125,3 +125,18 @@ def test_a_config_built_in_code_gets_every_bad_choice_reported():
                        ("logging.wandb_mode", "nope")):
         assert sum(f"{key}={value!r} is not a valid choice" in e for e in errors) == 1, (key, errors)
     assert len(errors) == 4, errors
+
+
+def test_a_key_outside_the_schema_is_refused_with_the_nearest_field():
+    """Hydra would take ``+train.step=10`` and nothing would read it."""
+    errors = override_errors(["+train.step=10", "model.num_layer=3", "++train.steps=5", "model=small",
+                              "+hydra.job.env_set.X=1", "~train.seed"])
+    assert errors == [
+        "train.step: train has no field 'step' (did you mean train.steps?); a key outside the schema "
+        "(mtrain/config/schema.py) would be ignored",
+        "model.num_layer: model has no field 'num_layer' (did you mean model.num_layers?); a key outside the "
+        "schema (mtrain/config/schema.py) would be ignored",
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(["+train.step=10"])
+    assert len(info.value.errors) == 1 and "train.steps" in info.value.errors[0]

@@ -61,6 +61,18 @@ def test_truncated_bin_is_detected(tmp_path):
         IndexedDataset(tmp_path / "d")
 
 
+def test_garbage_ids_in_a_bin_of_the_right_size_are_named_with_file_and_offset(tmp_path):
+    write_dataset(tmp_path / "d", [np.arange(10), np.arange(5)], 1000)
+    path = bin_path(tmp_path / "d")
+    data = bytearray(path.read_bytes())
+    data[2 * 7:2 * 7 + 2] = (65000).to_bytes(2, "little")  # token 7 (uint16) now 65000
+    path.write_bytes(bytes(data))
+    ds = IndexedDataset(tmp_path / "d")
+    assert ds.tokens(0, 7).tolist() == list(range(7))  # the damage is reported when read, not before
+    with pytest.raises(CorruptDatasetError, match=r"d\.bin: token id 65000 at token offset 7 \(byte 14\).*1000 ids"):
+        ds.tokens(4, 6)
+
+
 def test_bad_magic_is_detected(tmp_path):
     write_dataset(tmp_path / "d", [np.arange(10)], 1000)
     path = idx_path(tmp_path / "d")

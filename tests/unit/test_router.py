@@ -124,3 +124,69 @@ def test_routing_matches_transformers_deepseek_v3(experts, n_group, topk_group, 
     assert torch.equal(ours.topk_idx.gather(1, order), ref_idx.gather(1, ref_order))
     torch.testing.assert_close(ours.topk_weights.gather(1, order), ref_weights.gather(1, ref_order),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("experts,n_group,topk_group,topk", [
+    (16, 4, 2, 3),  # group_limited_greedy: a group's score is its best expert's
+    (16, 8, 3, 4),
+    (8, 8, 3, 2),  # one expert per group: allowed when groups are scored by their best
+    (12, 1, 1, 3),  # greedy: no groups (DeepSeek-V2-Lite)
+])
+def test_routing_matches_transformers_deepseek_v2(experts, n_group, topk_group, topk):
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    from mtrain.model.hf import hf_config
+
+    router, cfg = make_router(num_routed_experts=experts, n_group=n_group, topk_group=topk_group, moe_topk=topk,
+                              score_func="softmax", group_score="max", norm_topk_prob=False,
+                              routed_scaling_factor=2.0)
+    gen = torch.Generator().manual_seed(experts * topk)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5, generator=gen)
+    reference = DeepseekV2TopkRouter(hf_config(cfg))
+    assert reference.topk_method == ("group_limited_greedy" if n_group > 1 else "greedy")
+    reference.weight.data.copy_(router.weight.data)
+    x = torch.randn(300, cfg.hidden_size, generator=gen)
+
+    ours = router(x)
+    _, ref_weights, ref_idx = reference(x)
+    order, ref_order = ours.topk_idx.argsort(-1), ref_idx.argsort(-1)
+    assert torch.equal(ours.topk_idx.gather(1, order), ref_idx.gather(1, ref_order))
+    torch.testing.assert_close(ours.topk_weights.gather(1, order), ref_weights.gather(1, ref_order),
+                               rtol=1e-6, atol=1e-7)
+
+
+# --- node-limited routing ---------------------------------------------------------------------
+
+def test_node_limit_keeps_at_most_m_nodes_chosen_by_their_top_scores():
+    from mtrain.model.moe.router import select_experts
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(500, 32, generator=gen)
+    bias = torch.zeros(32)
+    idx = select_experts(scores, bias, topk=8, n_group=1, topk_group=1, nodes=8, max_nodes=2)
+    nodes = idx // 4
+    assert all(len(set(row.tolist())) <= 2 for row in nodes)
+    # The kept nodes are those whose top-4 (8 / 2) scores sum highest, and within them the top 8 experts.
+    node_scores = scores.view(500, 8, 4).topk(4, dim=-1).values.sum(-1)
+    best = node_scores.topk(2, dim=-1).indices.sort(-1).values
+    for t in range(500):
+        assert set(nodes[t].tolist()) == set(best[t].tolist())
+        allowed = torch.cat([torch.arange(n * 4, n * 4 + 4) for n in best[t].tolist()])
+        expected = allowed[scores[t, allowed].topk(8).indices]
+        assert set(idx[t].tolist()) == set(expected.tolist())
+
+
+def test_node_limit_equals_group_limit_when_groups_are_the_nodes():
+    """DeepSeek-V3's own setting: 8 groups keep 4 == 8 nodes keep 4 (top-2 sums both)."""
+    from mtrain.model.moe.router import select_experts
+
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(400, 64, generator=gen)
+    bias = torch.randn(64, generator=gen) * 0.01
+    by_groups = select_experts(scores, bias, topk=8, n_group=8, topk_group=4)
+    by_nodes = select_experts(scores, bias, topk=8, n_group=1, topk_group=1, nodes=8, max_nodes=4)
+    both = select_experts(scores, bias, topk=8, n_group=8, topk_group=4, nodes=8, max_nodes=4)
+    assert torch.equal(by_groups.sort(-1).values, by_nodes.sort(-1).values)
+    assert torch.equal(by_groups.sort(-1).values, both.sort(-1).values)

@@ -39,7 +39,7 @@ class MoECarry(Carry):
 
 class MoELayer(nn.Module):
     def __init__(self, cfg, tp_group=None, ep_group=None, dispatcher: str = "auto", num_sms: int = 20,
-                 expert_tp_group=None):
+                 expert_tp_group=None, ep_nodes: int = 1):
         super().__init__()
         ep = 1 if ep_group is None else dist.get_world_size(ep_group)
         expert_tp = 1 if expert_tp_group is None else dist.get_world_size(expert_tp_group)
@@ -48,7 +48,7 @@ class MoELayer(nn.Module):
                              f"parallel.expert_tp={expert_tp}")
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group if expert_tp > 1 else None
-        self.router = Router(cfg, cfg.init_std)
+        self.router = Router(cfg, cfg.init_std, nodes=ep_nodes)
         self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size,
                                       cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm,
                                       cfg.compile)
