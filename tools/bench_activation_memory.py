@@ -55,11 +55,11 @@ def plain(layer: MoELayer, x: torch.Tensor) -> None:
 def recorded(layer: MoELayer, x: torch.Tensor, release: bool = True) -> None:
     steps = layer.standalone_program()
     rec = Recording(StepContext())
-    final = drain(forward_steps(steps if release else keeping_exchanged(steps),
-                                MoECarry(normed=x.clone().requires_grad_(True)), rec))
-    out = final.hidden
-    final = None
-    drain(backward_steps(rec, {"hidden": 2 * out.detach()}))  # d(sum(y^2))/dy
+    carry = MoECarry(normed=x.clone().requires_grad_(True))
+    # d(sum(y^2))/dy, handed over with no reference to the output or the gradient kept here,
+    # as plain autograd keeps none: what the backward needs of them, the recording holds.
+    drain(backward_steps(rec, {"hidden": 2 * drain(forward_steps(steps if release else keeping_exchanged(steps),
+                                                                 carry, rec)).hidden.detach()}))
 
 
 VARIANTS = {
