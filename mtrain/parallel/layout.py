@@ -112,9 +112,10 @@ def layout_errors(world_size: int, tp: int, ep: int, expert_tp: int, pp: int) ->
     if errors:
         return errors
     if world_size % (tp * pp):
+        single = " (one process: parallel=single)" if world_size == 1 else ""
         errors.append(
             f"world size {world_size} is not a multiple of parallel.tp * parallel.pp = "
-            f"{tp}*{pp} = {tp * pp}: change tp/pp or the number of ranks "
+            f"{tp}*{pp} = {tp * pp}: change tp/pp or the number of ranks{single} "
             f"(cluster.nodes * cluster.gpus_per_node when planning)"
         )
         return errors

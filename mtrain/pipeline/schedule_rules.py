@@ -69,25 +69,23 @@ def schedule_errors(schedule: str, pp: int, num_microbatches: Optional[int]) -> 
     if pp < 1:
         errors.append(f"parallel.pp={pp} must be at least 1")
     if r.even_pp and pp % 2:
-        errors.append(
-            f"parallel.schedule={r.name} needs an even parallel.pp (got pp={pp}): "
-            f"use pp={pp + 1} or pp={max(pp - 1, 2)}, or parallel.schedule=dualpipev"
-        )
+        # The even sizes next to pp, each named once (pp=1 has only one: 2).
+        sizes = " or ".join(f"pp={n}" for n in dict.fromkeys((pp - 1, pp + 1)) if n >= 2)
+        without = "parallel.schedule=1f1b (pp=1 runs no pipeline)" if pp == 1 else "parallel.schedule=dualpipev"
+        errors.append(f"parallel.schedule={r.name} needs an even parallel.pp (got pp={pp}): use {sizes}, or {without}")
     if num_microbatches is None:
         return errors
     if num_microbatches < 1:
         errors.append(f"parallel.num_microbatches={num_microbatches} must be at least 1")
-    if r.even_microbatches and num_microbatches % 2:
-        errors.append(
-            f"parallel.schedule={r.name} needs an even parallel.num_microbatches "
-            f"(got {num_microbatches}): half enter at each end; use {num_microbatches + 1}"
-        )
-    need = r.min_microbatches_per_pp * pp
-    if need and num_microbatches < need:
-        errors.append(
-            f"parallel.schedule={r.name} needs parallel.num_microbatches >= 2*pp = {need} "
-            f"(got {num_microbatches}): raise num_microbatches or lower pp"
-        )
+    multiple, minimum = microbatch_rule(schedule, max(pp, 1))
+    if num_microbatches % multiple or num_microbatches < minimum:
+        # One message with one fix: the nearest count that satisfies every rule.
+        fix = max(minimum, -(-num_microbatches // multiple) * multiple)
+        needs = ["an even parallel.num_microbatches (half enter at each end)"] if num_microbatches % multiple else []
+        if num_microbatches < minimum:
+            needs.append(f"parallel.num_microbatches >= {r.min_microbatches_per_pp}*pp = {minimum}")
+        errors.append(f"parallel.schedule={r.name} needs {' and '.join(needs)} (got {num_microbatches}): "
+                      f"use {fix}" + (", or lower pp" if r.min_microbatches_per_pp and pp > 1 else ""))
     return errors
 
 

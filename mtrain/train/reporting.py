@@ -125,12 +125,11 @@ class Reporter:
 
     def status_line(self, record: dict) -> str:
         step = record["step"]
-        loss = record["loss"]
         mfu = record["mfu"]
         eta = self.eta_seconds(step)
         return " | ".join([
             f"step {step}/{self.total_steps}",
-            f"loss {loss:.4f}" if loss is not None else "loss nan",
+            _losses(record),
             f"lr {record['lr']:.3e}",
             f"{record['tokens_per_s']:.4g} tokens/s",
             f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a",
@@ -141,9 +140,8 @@ class Reporter:
         if self._bar is not None:
             self._bar.update(record["step"] - self._bar.n)
             mfu = record["mfu"]
-            loss = record["loss"]
             self._bar.set_postfix_str(
-                f"loss {'nan' if loss is None else f'{loss:.4f}'}, lr {record['lr']:.2e}, "
+                f"{_losses(record)}, lr {record['lr']:.2e}, "
                 f"{record['tokens_per_s']:.3g} tok/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
         elif due:
             print(self.status_line(record), file=self.stream, flush=True)
@@ -323,6 +321,15 @@ def _scalars(record: dict) -> dict[str, float]:
         elif value is not None and key != "step":
             out[key] = float(value)
     return out
+
+
+def _losses(record: dict) -> str:
+    """The LM loss (what the README and the eval report), and the MTP loss apart when there is one."""
+    def number(key):
+        value = record.get(key)
+        return "nan" if value is None else f"{value:.4f}"
+    text = f"lm loss {number('lm_loss')}"
+    return text + (f", mtp loss {number('mtp_loss')}" if record.get("mtp_loss") is not None else "")
 
 
 def _clock(seconds: Optional[float]) -> str:

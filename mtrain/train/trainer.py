@@ -511,6 +511,11 @@ class Trainer:
 
         cfg = self.cfg
         self.maybe_resume()
+        if self.step >= cfg.train.steps:
+            if self.rank == 0:
+                log.info("the run is complete: its checkpoint is at step %d of train.steps=%d; nothing to do "
+                         "(raise train.steps to train further)", self.step, cfg.train.steps)
+            return 0
         self._log_data_plan()
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
         if self.rank == 0:

@@ -37,3 +37,10 @@ def test_damaged_token_ids_name_the_file_and_offset_on_the_console_and_in_the_lo
     line = "token id 60000 at token offset 5 (byte 10) is outside the vocabulary of 1024 ids"
     assert line in out.stderr and "rank 0: " in out.stderr
     assert line in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+
+
+def test_a_finished_run_started_again_says_it_is_complete(tmp_path):
+    assert train(tmp_path, "checkpoint.interval=2").returncode == 0
+    again = train(tmp_path, "checkpoint.interval=2")
+    assert again.returncode == 0, again.stderr
+    assert "the run is complete: its checkpoint is at step 2 of train.steps=2" in again.stderr

@@ -48,7 +48,17 @@ def test_every_problem_is_reported_at_once():
     assert "even parallel.num_microbatches" in text
     assert ">= 2*pp = 6" in text
     assert "model.num_heads=5" in text and "parallel.tp=2" in text
-    assert len(errors) >= 5
+    assert len(errors) >= 4  # the two micro-batch rules share one message with one fix
+
+
+def test_schedule_fixes_are_each_named_once_and_agree():
+    errors = errors_for("parallel.pp=1")  # dualpipe, the default schedule
+    assert errors == ["parallel.schedule=dualpipe needs an even parallel.pp (got pp=1): use pp=2, or "
+                      "parallel.schedule=1f1b (pp=1 runs no pipeline)"]
+    # Odd and too few at once: one fix that satisfies both (not "use 2" and "raise to 4").
+    assert errors_for("parallel.num_microbatches=1") == [
+        "parallel.schedule=dualpipe needs an even parallel.num_microbatches (half enter at each end) and "
+        "parallel.num_microbatches >= 2*pp = 4 (got 1): use 4, or lower pp"]
 
 
 @pytest.mark.parametrize(

@@ -186,12 +186,14 @@ def test_plain_status_line_every_log_interval(tmp_path):
     reporter = Reporter(tmp_path, config("logging.log_interval=2"), stream=out)
     for step in (1, 2, 3):
         reporter.log(step_metrics(step))
-    reporter.log(step_metrics(4, mfu=None, loss=math.nan, skipped=True))
+    reporter.log(step_metrics(4, mfu=None, loss=math.nan, lm_loss=None, mtp_loss=0.75, skipped=True))
     reporter.close()
+    # The LM loss (what the README quotes), and the MTP loss apart when the model has MTP.
     assert out.getvalue().splitlines() == [
         # mean step time 1.5 s × 2 steps left
-        "step 2/4 | loss 2.5000 | lr 1.000e-03 | 4096 tokens/s | MFU 6.1% | ETA 0:00:03",
-        "step 4/4 | loss nan | lr 1.000e-03 | 4096 tokens/s | MFU n/a | ETA 0:00:00 | skipped (non-finite)",
+        "step 2/4 | lm loss 2.0000 | lr 1.000e-03 | 4096 tokens/s | MFU 6.1% | ETA 0:00:03",
+        "step 4/4 | lm loss nan, mtp loss 0.7500 | lr 1.000e-03 | 4096 tokens/s | MFU n/a | ETA 0:00:00 "
+        "| skipped (non-finite)",
     ]
 
 
@@ -207,7 +209,7 @@ def test_progress_bar_on_a_terminal_replaces_the_status_line(tmp_path):
         reporter.log(step_metrics(step))
     reporter.close()
     text = out.getvalue()
-    assert "4/4" in text and "loss 1.2500" in text
+    assert "4/4" in text and "lm loss 1.0000" in text
     assert "step 4/4 |" not in text
 
 
