@@ -206,6 +206,10 @@ class TrainConfig:
     exit_interval: Optional[int] = None
     max_bad_steps: int = 3  # consecutive NaN/Inf steps before aborting
     collective_timeout_s: float = 300.0
+    # A step running longer is reported on every rank, naming the ranks that did
+    # not arrive, with stacks (mtrain/train/watchdog.py). null: 10x the median
+    # step, at least 60 s, from the 4th step; 0: off.
+    watchdog_s: Optional[float] = None
 
 
 @dataclass

@@ -47,6 +47,7 @@ from mtrain.train.optimizer import ZeroAdamW
 from mtrain.train.init_from import load_initial_weights
 from mtrain.train.state import ModelState, Progress, RNGState
 from mtrain.train.evaluate import Evaluator
+from mtrain.train.watchdog import Watchdog, heartbeat_store
 
 log = logging.getLogger("mtrain")
 
@@ -517,6 +518,8 @@ class Trainer:
                          "(raise train.steps to train further)", self.step, cfg.train.steps)
             return 0
         self._log_data_plan()
+        watchdog = None if cfg.train.watchdog_s == 0 else Watchdog(
+            self.rank, self.world, cfg.train.watchdog_s, heartbeat_store() if self.world > 1 else None)
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
         if self.rank == 0:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
@@ -524,7 +527,11 @@ class Trainer:
                                  heatmap_interval=cfg.logging.heatmap_interval)
         try:
             while self.step < cfg.train.steps:
+                if watchdog is not None:
+                    watchdog.step_started(self.step + 1)
                 metrics = self.train_step()
+                if watchdog is not None:
+                    watchdog.step_finished()
                 loads = metrics.pop("_loads")
                 gathered = [None] * self.world
                 dist.all_gather_object(gathered, {k: v.tolist() for k, v in loads.items()})
@@ -549,6 +556,8 @@ class Trainer:
             self.checkpointer.wait()
             return 0
         finally:
+            if watchdog is not None:
+                watchdog.close()
             self.reporter.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
