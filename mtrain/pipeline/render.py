@@ -45,12 +45,15 @@ def _shade(op: Op, pp: int) -> int:
 
 
 def _block(ax, op: Op, x0: float, x1: float, y0: float, height: float, fontsize: float, pp: int,
-           edge: str = "white"):
+           edge: str = "white", points_per_unit: float = float("inf")):
     shade = _shade(op, pp)
     color = COLORS[op.kind][shade]
     ax.add_patch(Rectangle((x0, y0), x1 - x0, height, facecolor=color, edgecolor=edge, linewidth=0.6))
+    label = str(op.microbatch)
+    if (x1 - x0) * points_per_unit < 0.65 * fontsize * (len(label) + 0.5):
+        return  # too narrow for a legible label: the colour and the neighbours say enough
     text_color = "white" if shade else "black"
-    ax.text((x0 + x1) / 2, y0 + height / 2, str(op.microbatch), ha="center", va="center",
+    ax.text((x0 + x1) / 2, y0 + height / 2, label, ha="center", va="center",
             fontsize=fontsize, color=text_color, clip_on=True)
 
 
@@ -67,11 +70,14 @@ def render_timeline(result, path: str, title: str | None = None) -> str:
     durations = [end - start for tl in timelines for _, start, end in tl if end > start]
     shortest = min(durations, default=span)
 
-    width = min(max(8.0, 16.0 * span / max(shortest, span / 120) / 60), 40.0)
-    fig, ax = plt.subplots(figsize=(width, 0.55 * pp + 1.6))
-    # font size so that a two-digit label fits into the shortest block
+    # Wide enough for the shortest blocks up to a readable page (a measured step has
+    # blocks of very different lengths: the narrow ones lose their labels instead of
+    # the figure growing into an unreadable strip); tall enough for a legend and title.
+    width = min(max(8.0, 16.0 * span / max(shortest, span / 120) / 60), 18.0)
+    fig, ax = plt.subplots(figsize=(width, max(3.2, 0.8 * pp + 1.8)))
     inch_per_unit = (width * 0.85) / span
-    fontsize = max(4.0, min(9.0, shortest * inch_per_unit * 72 / 2.2))
+    points_per_unit = inch_per_unit * 72
+    fontsize = max(7.0, min(9.0, shortest * points_per_unit / 2.2))
     height = 0.8
     has_dir1 = False
     has_v = False
@@ -83,13 +89,15 @@ def render_timeline(result, path: str, title: str | None = None) -> str:
         for ins, start, end in tl:
             if isinstance(ins, Overlap):
                 overlap_seen = True
-                _block(ax, ins.forward, start, end, y, height / 2, fontsize * 0.85, pp)
-                _block(ax, ins.backward, start, end, y - height / 2, height / 2, fontsize * 0.85, pp)
+                _block(ax, ins.forward, start, end, y, height / 2, fontsize * 0.85, pp,
+                       points_per_unit=points_per_unit)
+                _block(ax, ins.backward, start, end, y - height / 2, height / 2, fontsize * 0.85, pp,
+                       points_per_unit=points_per_unit)
                 ax.add_patch(Rectangle((start, y - height / 2), end - start, height, facecolor="none",
                                        edgecolor=OVERLAP_EDGE, linewidth=1.0))
                 ops = ins.ops
             else:
-                _block(ax, ins, start, end, y - height / 2, height, fontsize, pp)
+                _block(ax, ins, start, end, y - height / 2, height, fontsize, pp, points_per_unit=points_per_unit)
                 ops = (ins,)
             for op in ops:
                 kinds_seen.add(op.kind)
