@@ -59,6 +59,7 @@ LrSchedule = _choice("LrSchedule", "cosine", "wsd", "constant")
 WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 Output = _choice("Output", "text", "json")
 OnSaveError = _choice("OnSaveError", "stop", "continue")  # a checkpoint save that failed on storage
+Fp8 = _choice("Fp8", "none", "blockwise")  # FP8 GEMMs (docs/fp8.md)
 
 
 def resolve_dtype(dtype: str, backend: str) -> str:
@@ -148,9 +149,15 @@ class ParallelConfig:
     overlap: bool = True
     dispatcher: Dispatcher = Dispatcher.auto  # expert dispatcher
     deepep_num_sms: int = 20
-    # EP ranks per node, for node-limited routing (null: the ranks per node of
-    # the launch, divided by tp, at most ep). Set it to study node limits on one machine.
+    # EP ranks per node, for node-limited routing and the two-level dispatch (null:
+    # the ranks per node of the launch, divided by tp, at most ep). Set it to study
+    # node limits on one machine.
     ep_ranks_per_node: Optional[int] = None
+    # The alltoall dispatcher's exchange: 1, once to every EP rank holding one of
+    # a token's experts; 2, once to every node holding one (to the rank of the
+    # same index there), then forwarded inside the node. null: 2 when the EP
+    # group spans several nodes (see ep_ranks_per_node), else 1.
+    dispatch_hops: Optional[int] = None
     backend: Backend = Backend.auto
     # bf16: gradient sums over replicas travel and add in bf16: half the bytes, for bf16 rounding of every sum.
     grad_reduce_dtype: GradReduceDtype = GradReduceDtype.fp32
@@ -191,6 +198,10 @@ class TrainConfig:
     seed: int = 1234
     # bf16: bf16 compute with fp32 master weights; auto: bf16 on nccl, fp32 on gloo.
     dtype: Dtype = Dtype.auto
+    # blockwise: DeepSeek-V3's FP8 recipe for the linears' and experts' GEMMs
+    # (E4M3, 1x128 activation tiles, 128x128 weight blocks; docs/fp8.md). The
+    # numerics exist as a reference (mtrain/model/fp8.py); the layers do not use it yet.
+    fp8: Fp8 = Fp8.none
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_schedule: LrSchedule = LrSchedule.cosine

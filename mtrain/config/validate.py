@@ -131,6 +131,42 @@ def _model_errors(m, tp: int, ep: int) -> list[str]:
     return errors
 
 
+FP8_TILE = 128  # mtrain.model.fp8.BLOCK: 1x128 activation tiles, 128x128 weight blocks
+
+
+def fp8_width_errors(m, tp: int) -> list[str]:
+    """train.fp8=blockwise: every width an FP8 GEMM reduces over (a linear's or
+    expert's input features, on one TP rank) must be a multiple of 128.
+
+    Output widths may be ragged (an edge block, as in DeepSeek-V3's 576-row
+    kv_a_proj_with_mqa); token counts are padded.
+    """
+    heads = m.num_heads
+    widths = [  # (what, width on one rank, which field to change)
+        ("model.hidden_size", m.hidden_size, "model.hidden_size"),
+        ("model.kv_lora_rank", m.kv_lora_rank, "model.kv_lora_rank"),
+        (f"model.num_heads x model.v_head_dim / parallel.tp (the output projection's input: "
+         f"{heads} x {m.v_head_dim} / {tp})", heads * m.v_head_dim // tp, "model.v_head_dim or model.num_heads"),
+    ]
+    if m.q_lora_rank:
+        widths.append(("model.q_lora_rank", m.q_lora_rank, "model.q_lora_rank"))
+    if m.first_k_dense:
+        widths.append((f"model.ffn_hidden_size / parallel.tp ({m.ffn_hidden_size} / {tp})",
+                       m.ffn_hidden_size // tp, "model.ffn_hidden_size"))
+    if m.first_k_dense < m.num_layers:
+        widths.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size, "model.moe_ffn_hidden_size"))
+        if m.num_shared_experts:
+            widths.append((f"model.num_shared_experts x model.moe_ffn_hidden_size / parallel.tp "
+                           f"({m.num_shared_experts} x {m.moe_ffn_hidden_size} / {tp})",
+                           m.num_shared_experts * m.moe_ffn_hidden_size // tp, "model.moe_ffn_hidden_size"))
+    errors = [f"train.fp8=blockwise: {what}={w} is not a multiple of {FP8_TILE} (FP8 GEMMs reduce in "
+              f"{FP8_TILE}-wide tiles): set {fix} so it is, or train.fp8=none"
+              for what, w, fix in widths if w % FP8_TILE]
+    errors.append("train.fp8=blockwise: the FP8 GEMMs exist as a reference (mtrain/model/fp8.py, docs/fp8.md) "
+                  "but the model's layers do not use them yet: use train.fp8=none")
+    return errors
+
+
 def field_errors(cfg, world_size: int | None = None) -> list[str]:
     """The problems of ``cfg`` found from its own fields (see the module doc).
 
@@ -146,7 +182,15 @@ def field_errors(cfg, world_size: int | None = None) -> list[str]:
         )
     if p.dispatcher == "local" and p.ep > 1:
         errors.append(f"parallel.dispatcher=local works only with parallel.ep=1 (got ep={p.ep}): use alltoall or auto")
+    if p.dispatch_hops not in (None, 1, 2):
+        errors.append(f"parallel.dispatch_hops={p.dispatch_hops} must be 1, 2 or null (2 when the EP group spans "
+                      f"several nodes)")
+    elif p.dispatch_hops == 2 and p.dispatcher not in ("auto", "alltoall"):
+        errors.append(f"parallel.dispatch_hops=2 is the alltoall dispatcher's two-level exchange, not "
+                      f"{p.dispatcher}'s: use parallel.dispatcher=alltoall or dispatch_hops=null")
     errors += _model_errors(m, max(p.tp, 1), max(p.ep, 1))
+    if t.fp8 == "blockwise":
+        errors += fp8_width_errors(m, max(p.tp, 1))
     if t.steps < 1 or t.micro_batch_size < 1:
         errors.append(f"train.steps={t.steps} and train.micro_batch_size={t.micro_batch_size} must be at least 1")
     if cfg.data.seq_len < 2:

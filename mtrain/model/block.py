@@ -31,6 +31,9 @@ class ModelGroups:
     dispatcher: str = "auto"
     deepep_num_sms: int = 20
     ep_nodes: int = 1  # nodes the EP group spans (node-limited routing)
+    # (node, rail) groups of the two-level dispatch: the EP ranks of this rank's
+    # node, and those of its index inside the node (one per node). None: one level.
+    ep_hops: Optional[tuple] = None
 
 
 @dataclass
@@ -52,7 +55,7 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std, cfg.compile)
         else:
             self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp,
-                                groups.ep_nodes)
+                                groups.ep_nodes, groups.ep_hops)
 
     @property
     def is_moe(self) -> bool:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain.parallel.env import DistEnv, detect_env
-from mtrain.parallel.layout import Layout
+from mtrain.parallel.layout import Layout, ep_hop_groups
 
 
 def default_backend() -> str:
@@ -52,6 +52,9 @@ class ParallelGroups:
     layout: Layout
     rank: int
     groups: dict = field(default_factory=dict)  # kind -> ProcessGroup holding this rank
+    timeout: datetime.timedelta | None = None  # what the groups were created with
+    backend: str | None = None
+    hop_groups: dict = field(default_factory=dict)  # EP ranks per node -> (node group, rail group)
 
     def group(self, kind: str):
         return self.groups[kind]
@@ -66,6 +69,19 @@ class ParallelGroups:
         """This rank's position inside its group of ``kind``."""
         return self.ranks(kind).index(self.rank)
 
+    def ep_hops(self, ranks_per_node: int) -> tuple:
+        """This rank's (node, rail) groups of the two-level expert dispatch
+        (:func:`~mtrain.parallel.layout.ep_hop_groups`). Created on the first
+        call for ``ranks_per_node``, which every rank must make (collective),
+        then kept."""
+        if ranks_per_node not in self.hop_groups:
+            made = []
+            for kinds in ep_hop_groups(self.layout.groups["ep"], ranks_per_node):
+                mine, _ = dist.new_subgroups_by_enumeration(kinds, timeout=self.timeout, backend=self.backend)
+                made.append(mine)
+            self.hop_groups[ranks_per_node] = tuple(made)
+        return self.hop_groups[ranks_per_node]
+
 
 def create_groups(layout: Layout, timeout_s: float = 300.0, backend: str | None = None) -> ParallelGroups:
     """Create every group of the layout. Every rank must call this (collective)."""
@@ -75,7 +91,7 @@ def create_groups(layout: Layout, timeout_s: float = 300.0, backend: str | None 
         )
     rank = dist.get_rank()
     timeout = datetime.timedelta(seconds=timeout_s)
-    out = ParallelGroups(layout=layout, rank=rank)
+    out = ParallelGroups(layout=layout, rank=rank, timeout=timeout, backend=backend)
     for kind in sorted(layout.groups):
         # Same kinds in the same order on every rank: new_group is collective.
         mine, _ = dist.new_subgroups_by_enumeration(layout.groups[kind], timeout=timeout, backend=backend)

@@ -101,6 +101,21 @@ class Layout:
         }
 
 
+def ep_hop_groups(ep_groups: list[list[int]], ranks_per_node: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The groups of the two-level expert dispatch: each EP group cut into
+    nodes of ``ranks_per_node`` consecutive members (``ep_node``), and its
+    members of the same index inside their node, one per node (``ep_rail``).
+    Both sorted as every group kind is."""
+    nodes, rails = [], []
+    for members in ep_groups:
+        if ranks_per_node < 1 or len(members) % ranks_per_node:
+            raise LayoutError(f"{ranks_per_node} EP ranks per node do not divide an EP group of {len(members)}")
+        blocks = [members[i:i + ranks_per_node] for i in range(0, len(members), ranks_per_node)]
+        nodes += blocks
+        rails += [list(rail) for rail in zip(*blocks)]
+    return sorted(nodes), sorted(rails)
+
+
 def layout_errors(world_size: int, tp: int, ep: int, expert_tp: int, pp: int) -> list[str]:
     """Every reason the sizes cannot form a layout, naming the fields and the fix."""
     errors = []

@@ -31,9 +31,14 @@ def model_groups(cfg, groups) -> ModelGroups:
     if groups is None:
         return ModelGroups(dispatcher=cfg.parallel.dispatcher, deepep_num_sms=cfg.parallel.deepep_num_sms)
     p = cfg.parallel
+    ep = groups.size("ep")
+    nodes = ep_nodes(ep, groups.size("tp"), ranks_per_node(), p.ep_ranks_per_node)
+    hops = p.dispatch_hops or (2 if nodes > 1 else 1)
+    # The two-level exchange is the alltoall backend's (DeepEP crosses nodes its own way).
+    two_level = hops == 2 and ep > 1 and str(p.dispatcher) in ("auto", "alltoall")
     return ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), expert_tp=groups.group("expert_tp"),
-                       dispatcher=p.dispatcher, deepep_num_sms=p.deepep_num_sms,
-                       ep_nodes=ep_nodes(groups.size("ep"), groups.size("tp"), ranks_per_node(), p.ep_ranks_per_node))
+                       dispatcher=p.dispatcher, deepep_num_sms=p.deepep_num_sms, ep_nodes=nodes,
+                       ep_hops=groups.ep_hops(ep // nodes) if two_level else None)
 
 
 def build_chunks(cfg, groups=None, pp_rank: int = 0, seed: Optional[int] = None) -> dict[ChunkKey, ModelChunk]:

@@ -2,9 +2,11 @@
 
 A :class:`CommOp` is a linear exchange of rows: ``start`` returns a
 :class:`Pending` while the data moves, ``start_transpose`` runs the exchange in
-reverse (its gradient). :func:`communicate` wraps an op as a synchronous
-autograd function for the plain forward path; the overlapped runner instead
-starts and waits itself so another micro-batch computes in between.
+reverse (its gradient); :class:`TwoHopOp` chains two exchanges with a
+forwarding step between them (the two-level expert dispatch).
+:func:`communicate` wraps an op as a synchronous autograd function for the
+plain forward path; the overlapped runner instead starts and waits itself so
+another micro-batch computes in between.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ class Pending:
         if self._finish is not None:
             self._result, self._finish = self._finish(self._result), None
         return self._result
+
+    def then(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Pending":
+        """This result once it is in, passed through ``fn`` (which may run another exchange)."""
+        return Pending(None, finish=lambda _: fn(self.wait()))
 
 
 class CommOp:
@@ -68,6 +74,28 @@ class AllToAllOp(CommOp):
 
     def transposed(self) -> "AllToAllOp":
         return AllToAllOp(self.recv_splits, self.send_splits, self.group)
+
+
+class TwoHopOp(CommOp):
+    """``first``, then the rows it delivered picked by ``forward`` (an index,
+    so a row may go on several times or not at all) sent on through
+    ``second``: the two-level expert dispatch, across nodes then inside the
+    node. ``start`` leaves ``first`` in flight and runs the rest on ``wait``;
+    the transpose runs ``second`` back at once, adds the returned rows up per
+    forwarded row (``index_add``) and leaves ``first`` back in flight. So the
+    exchange in flight while other work runs is ``first`` (the inter-node
+    one) in both directions."""
+
+    def __init__(self, first: AllToAllOp, forward: torch.Tensor, second: AllToAllOp):
+        self.first, self.forward, self.second = first, forward, second
+
+    def start(self, x):
+        return self.first.start(x).then(lambda rows: self.second.start(rows.index_select(0, self.forward)).wait())
+
+    def start_transpose(self, grad):
+        back = self.second.start_transpose(grad).wait()
+        rows = back.new_zeros((sum(self.first.recv_splits),) + tuple(back.shape[1:]))
+        return self.first.start_transpose(rows.index_add_(0, self.forward, back))
 
 
 class TransposedOp(CommOp):

@@ -76,6 +76,8 @@ def test_schedule_fixes_are_each_named_once_and_agree():
         (["parallel.dp=4"], "parallel.dp=4"),
         (["model.topk_group=3"], "model.topk_group=3"),
         (["parallel.dispatcher=local"], "parallel.dispatcher=local works only with parallel.ep=1"),
+        (["parallel.dispatch_hops=3"], "parallel.dispatch_hops=3 must be 1, 2 or null"),
+        (["parallel.dispatch_hops=2", "parallel.dispatcher=deepep"], "parallel.dispatch_hops=2 is the alltoall"),
     ],
 )
 def test_rule(overrides, needle):

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from mtrain.parallel.layout import LayoutError, build_layout, layout_errors
+from mtrain.parallel.layout import LayoutError, build_layout, ep_hop_groups, layout_errors
 from mtrain.pipeline.schedule_rules import copy_groups
 
 
@@ -14,6 +14,18 @@ def test_published_example_tp2_ep4():
     assert g["expert_dp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert g["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert g["pp"] == [[r] for r in range(8)]
+
+
+def test_ep_hop_groups_cut_each_ep_group_into_nodes_and_rails():
+    layout = build_layout(16, tp=2, ep=8)  # ep groups [0, 1, ..., 7] and [8, ..., 15]
+    nodes, rails = ep_hop_groups(layout.groups["ep"], 4)
+    assert nodes == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert rails == [[0, 4], [1, 5], [2, 6], [3, 7], [8, 12], [9, 13], [10, 14], [11, 15]]
+    # Expert ranks tp apart: nodes and rails follow the EP group's own order.
+    nodes, rails = ep_hop_groups([[0, 2, 4, 6], [1, 3, 5, 7]], 2)
+    assert nodes == [[0, 2], [1, 3], [4, 6], [5, 7]] and rails == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    with pytest.raises(LayoutError, match="3 EP ranks per node"):
+        ep_hop_groups(layout.groups["ep"], 3)
 
 
 def test_pipeline_groups_and_dualpipe_stage_copies():

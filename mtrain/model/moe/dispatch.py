@@ -4,7 +4,12 @@ A token routed to k experts is sent at most once to each EP rank that holds
 one of them (DeepSeek-V3's dispatch), not once per expert: its hidden state
 travels with its k gates, the receiver expands it to one row per expert it
 holds, and sums the gated expert outputs back to one row before the return
-trip. A dispatcher cuts the routed half of an MoE layer at its two
+trip. When the EP group spans several nodes the alltoall backend can cross
+the network once per destination *node* instead (DeepSeek-V3's and DeepEP's
+internode form): to the rank of the same index inside that node, which
+forwards the token inside its node to the ranks holding its experts.
+
+A dispatcher cuts the routed half of an MoE layer at its two
 communication points. The local steps (``pack``, ``expand``, ``reduce``,
 ``unpack``) are ordinary autograd computations; the communication steps are
 :class:`~mtrain.runtime.comm.CommOp` objects in the plan, which the MoE layer's
@@ -13,8 +18,8 @@ micro-batch's compute in the pipeline runtime).
 
 Backends register themselves here (:func:`register_dispatcher`): ``local``
 (ep=1, no communication) and ``alltoall`` (torch.distributed
-``all_to_all_single`` with uneven splits, counts exchanged first; gloo and
-nccl) in this module, ``deepep`` (``deep_ep.Buffer``, GPU only) in
+``all_to_all_single`` with uneven splits, counts exchanged first; one or two
+levels; gloo and nccl) in this module, ``deepep`` (``deep_ep.Buffer``, GPU only) in
 :mod:`mtrain.model.moe.deepep`.
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from mtrain.runtime.comm import AllToAllOp, CommOp, IdentityOp
+from mtrain.runtime.comm import AllToAllOp, CommOp, IdentityOp, TransposedOp, TwoHopOp
 
 
 @dataclass
@@ -40,13 +45,19 @@ class DispatchPlan:
     slot, expert-major (``row_token``, ``row_slot``), runs the experts, and
     sums each token's gated rows back to one row before the return trip; the
     source adds up what the ranks return (``pair_token``).
+
+    In the two-level exchange the pairs are (token, destination node), and the
+    dispatch op forwards each token inside the destination node before it
+    reaches the receiver (:class:`~mtrain.runtime.comm.TwoHopOp`); the
+    receiver's side is the same.
     """
 
     topk: int
     num_tokens: int  # tokens this rank routes (the source side)
     dispatch_op: CommOp
     combine_op: CommOp
-    # Source side: the token of every sent pair, rank-major (None: the exchange returns one row per token).
+    # Source side: the token of every sent pair, rank-major (node-major in the two-level
+    # exchange; None: the exchange returns one row per token).
     pair_token: Optional[torch.Tensor] = None
     # Receiver side, filled once the received tokens are known (after the dispatch for DeepEP).
     recv_ids: Optional[torch.Tensor] = None  # [N, k] local expert per slot, -1 where another rank serves it
@@ -122,21 +133,35 @@ class Dispatcher:
     destination pair) | dispatch | ``expand`` (receiver: one row per own slot,
     expert-major, and their gates) | experts | ``reduce`` (receiver: gated rows
     summed per token) | combine | ``unpack`` (source: one row per token).
+
+    ``hop_groups`` (node group, rail group) makes the exchange two-level: the
+    EP group is cut into nodes of consecutive EP ranks; the node group holds
+    this rank's node, the rail group the ranks of this rank's index inside
+    their node, one per node (both in EP order).
     """
 
     name = "alltoall"
 
-    def __init__(self, num_experts: int, ep_group=None):
+    def __init__(self, num_experts: int, ep_group=None, hop_groups: Optional[tuple] = None):
         self.num_experts = num_experts
         self.group = ep_group
         self.ep = 1 if ep_group is None else dist.get_world_size(ep_group)
         if self.ep == 1:
-            self.name = "local"
+            self.name, hop_groups = "local", None
         self.num_local = num_experts // self.ep
+        self.node_group, self.rail_group = hop_groups or (None, None)
+        if hop_groups is not None:
+            self.node_size, self.nodes = dist.get_world_size(self.node_group), dist.get_world_size(self.rail_group)
+            self.node, self.rail = dist.get_rank(self.rail_group), dist.get_rank(self.node_group)
+            me = self.node * self.node_size + self.rail
+            if self.node_size * self.nodes != self.ep or dist.get_rank(ep_group) != me:
+                raise ValueError(f"node groups of {self.node_size} and rail groups of {self.nodes} ranks do not cut "
+                                 f"the EP group of {self.ep} into nodes of consecutive ranks")
 
     def plan(self, topk_idx: torch.Tensor) -> DispatchPlan:
         """One host sync: the pair and row counts the exchange and the grouped
-        GEMM need, read back once (after the counts' all-to-all when ep > 1)."""
+        GEMM need, read back once (after the counts' all-to-all when ep > 1,
+        their all_gather in two levels)."""
         tokens, k = topk_idx.shape
         local, ep = self.num_local, self.ep
         per_expert = count_per_expert(topk_idx.flatten(), self.num_experts)
@@ -147,6 +172,8 @@ class Dispatcher:
         # Which ranks each token goes to, and how many pairs and rows each rank gets.
         on_rank = torch.zeros(tokens, ep, dtype=torch.bool, device=topk_idx.device)
         on_rank.scatter_(1, topk_idx // local, True)
+        if self.node_group is not None:
+            return self._plan_two_level(topk_idx, per_expert, on_rank)
         counts = torch.cat([per_expert.view(ep, local), on_rank.sum(0, dtype=torch.long).view(ep, 1)], 1)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
@@ -162,6 +189,56 @@ class Dispatcher:
         op = AllToAllOp(send_splits, recv_splits, self.group)
         plan = DispatchPlan(k, tokens, op, op.transposed(), pair_token=pair_token)
         plan.expand_received(recv_ids, local, [sum(row[e] for row in received) for e in range(local)])
+        return plan
+
+    def _plan_two_level(self, topk_idx: torch.Tensor, per_expert: torch.Tensor, on_rank: torch.Tensor) -> DispatchPlan:
+        """Across nodes once per destination node, then inside it.
+
+        Hop 1 (rail): a token goes to every node holding one of its experts, to
+        the rank of this rank's index there, with its global expert ids (-1 for
+        slots on other nodes). Hop 2 (node): that rank forwards it to every rank
+        of its node holding one of them, itself included, with their local ids.
+        One all_gather gives every rank each source's counts (rows per expert,
+        pairs per rank, pairs per node), read back once; every split follows on
+        the host, since a rank forwards to a peer exactly the pairs its rail's
+        sources have for that peer.
+        """
+        tokens, k = topk_idx.shape
+        local, ep, nodes, size, node, rail = self.num_local, self.ep, self.nodes, self.node_size, self.node, self.rail
+        me = node * size + rail
+        on_node = on_rank.view(tokens, nodes, size).any(2)
+        counts = torch.cat([per_expert, on_rank.sum(0, dtype=torch.long), on_node.sum(0, dtype=torch.long)])
+        table = [torch.empty_like(counts) for _ in range(ep)]
+        dist.all_gather(table, counts, group=self.group)
+        table = torch.stack(table).tolist()  # the one sync: [source, expert rows | rank pairs | node pairs]
+        by_rank, by_node = ep * local, ep * local + ep
+        rail_sources = range(rail, ep, size)  # the sources (one per node) whose tokens this rank forwards
+        rail_send = table[me][by_node:by_node + nodes]
+        rail_recv = [table[s][by_node + node] for s in rail_sources]
+        node_send = [sum(table[s][by_rank + node * size + q] for s in rail_sources) for q in range(size)]
+        node_recv = [sum(table[s][by_rank + me] for s in range(q, ep, size)) for q in range(size)]
+        per_own_expert = [sum(row[me * local + e] for row in table) for e in range(local)]
+        # Hop 1: the pairs (token, node), node-major, and their global ids on that node.
+        pairs = torch.argsort((~on_node.t()).flatten().to(torch.uint8), stable=True)[:sum(rail_send)]
+        pair_node, pair_token = pairs // tokens, pairs % tokens
+        ids = topk_idx.index_select(0, pair_token).long()
+        send_ids = torch.where(ids // (local * size) == pair_node.unsqueeze(1), ids, -1).to(torch.int32)
+        held = send_ids.new_empty(sum(rail_recv), k)
+        dist.all_to_all_single(held, send_ids, rail_recv, rail_send, group=self.rail_group)
+        # Hop 2: the received tokens, once per peer of this node holding one of their experts, peer-major.
+        held, arrived = held.long(), held.shape[0]
+        peer = torch.where(held >= 0, held // local - node * size, size)  # size: a slot on another node
+        on_peer = torch.zeros(arrived, size + 1, dtype=torch.bool, device=held.device).scatter_(1, peer, True)
+        forward = torch.argsort((~on_peer[:, :size].t()).flatten().to(torch.uint8), stable=True)[:sum(node_send)]
+        forward_peer, forward_row = forward // arrived, forward % arrived
+        ids = held.index_select(0, forward_row)
+        send_ids = torch.where(ids // local == (node * size + forward_peer).unsqueeze(1), ids % local, -1)
+        recv_ids = send_ids.new_empty(sum(node_recv), k, dtype=torch.int32)
+        dist.all_to_all_single(recv_ids, send_ids.to(torch.int32), node_recv, node_send, group=self.node_group)
+        op = TwoHopOp(AllToAllOp(rail_send, rail_recv, self.rail_group), forward_row,
+                      AllToAllOp(node_send, node_recv, self.node_group))
+        plan = DispatchPlan(k, tokens, op, TransposedOp(op), pair_token=pair_token)
+        plan.expand_received(recv_ids, local, per_own_expert)
         return plan
 
     # Local steps (autograd) around the two exchanges.
@@ -193,7 +270,8 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class DispatcherBackend:
-    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms=, hidden=)``."""
+    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms=, hidden=)``
+    (alltoall's also takes ``hop_groups=``, see :func:`make_dispatcher`)."""
 
     name: str
     build: Callable[..., "Dispatcher"]
@@ -206,8 +284,8 @@ def register_dispatcher(backend: DispatcherBackend) -> None:
     BACKENDS[backend.name] = backend
 
 
-def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0) -> Dispatcher:
-    return Dispatcher(num_experts, ep_group)
+def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0, hop_groups=None) -> Dispatcher:
+    return Dispatcher(num_experts, ep_group, hop_groups)
 
 
 def _build_local(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0) -> Dispatcher:
@@ -225,12 +303,18 @@ register_dispatcher(DispatcherBackend("local", _build_local))
 AUTO_DISPATCHER = "alltoall"
 
 
-def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20, hidden: int = 7168) -> Dispatcher:
+def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20, hidden: int = 7168,
+                    hop_groups: Optional[tuple] = None) -> Dispatcher:
     """The registered backend ``kind``; ``auto`` is :data:`AUTO_DISPATCHER`
-    (alltoall, local for ep=1)."""
+    (alltoall, local for ep=1). ``hop_groups`` (node group, rail group): the
+    alltoall backend's two-level exchange (see :class:`Dispatcher`)."""
     kind = str(kind)
     if kind == "auto":
         kind = AUTO_DISPATCHER
     if kind not in BACKENDS:
         raise ValueError(f"unknown dispatcher {kind!r}: use auto or one of {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden)
+    if hop_groups is None:
+        return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden)
+    if kind != "alltoall":
+        raise ValueError(f"the two-level exchange is the alltoall dispatcher's, not {kind}'s")
+    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden, hop_groups=hop_groups)

@@ -1,0 +1,224 @@
+"""DeepSeek-V3's FP8 recipe (report §3.3) as a plain-PyTorch reference.
+
+The numerics, not the speed: this is what a fine-grained FP8 GEMM computes,
+written with torch's ``float8_e4m3fn`` dtype so it runs (slowly) on CPU and is
+the reference a GPU backend is compared with (docs/fp8.md).
+
+- Every FP8 tensor is E4M3 (max 448). A tile's fp32 scale is its max-abs / 448
+  (1 for an all-zero tile); the stored value is ``x / scale`` rounded to E4M3,
+  and ``fp8 * scale`` gives it back.
+- Activations and activation gradients: one scale per 1x128 tile (per row,
+  per 128 elements along the GEMM's reduction dimension): :func:`quantize_tiles`.
+- Weights: one scale per 128x128 block: :func:`quantize_blocks`. A block
+  serves the weight and its transpose, so Dgrad needs no second quantization.
+- GEMMs accumulate in fp32, one 128-wide K slice at a time (V3 promotes the
+  Tensor Cores' partial sums to fp32 every 128 elements of K, where the
+  scales are applied): :func:`fp8_matmul`.
+
+The three GEMMs of a linear ``y = x W^T`` (x ``[T, K]``, W ``[N, K]``), all
+written ``a @ b^T`` with both operands' scales running along the reduction:
+
+- Fprop ``y = x W^T``: x in 1x128 tiles along K, W in 128x128 blocks.
+- Dgrad ``dx = dy W``: dy in 1x128 tiles along N; W^T ``[K, N]`` is the same
+  fp8 data and blocks, transposed.
+- Wgrad ``dW = dy^T x``: the reduction runs over the T tokens, so both operands
+  are quantized along T: dy^T ``[N, T]`` and x^T ``[K, T]`` in 1x128 tiles along
+  T (the 128x1 tiles of the report's backward; Transformer Engine's
+  Float8BlockScaling quantizes the wgrad operands "columnwise" alike). Both
+  are quantized from the high-precision tensors, not requantized from the
+  forward's fp8 tiles.
+
+Ragged edges: K of Fprop (a linear's input features) must be a multiple of 128.
+The output features N and the token count T may be ragged: they are padded
+with zeros to a multiple of 128 inside :func:`fp8_linear`, which is exactly a
+ragged edge tile or block (zeros change neither a tile's max-abs nor a sum),
+as in DeepSeek-V3's released weights (``kv_a_proj_with_mqa``: 576 rows).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mtrain.runtime.context import current_step
+from mtrain.runtime.wgrad import defer_weight_grad
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+BLOCK = 128
+
+
+def _check_multiple(name: str, shape, dims: tuple[int, ...], block: int) -> None:
+    bad = [d for d in dims if shape[d] % block]
+    if bad:
+        raise ValueError(
+            f"{name} of shape {list(shape)}: dimension(s) {bad} of size {[shape[d] for d in bad]} are not "
+            f"multiples of {block}, the FP8 tile width: pad the tensor or choose widths that are multiples of {block}")
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 scales from max-abs values: amax / 448, and 1 for an all-zero tile."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # Clamp: x / scale can round a hair past 448, and the cast does not saturate.
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_tiles(x: torch.Tensor, tile: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations: one scale per ``1 x tile`` along the last dimension.
+
+    Returns (``float8_e4m3fn`` data of ``x``'s shape, fp32 scales ``[..., K / tile]``).
+    """
+    _check_multiple("activation", x.shape, (x.dim() - 1,), tile)
+    xf = x.float()
+    tiles = xf.reshape(*x.shape[:-1], x.shape[-1] // tile, tile)
+    scales = _scale(tiles.abs().amax(-1))
+    return _to_fp8(tiles, scales[..., None]).reshape(x.shape), scales
+
+
+def dequantize_tiles(data: torch.Tensor, scales: torch.Tensor, tile: int = BLOCK) -> torch.Tensor:
+    """fp32 values of :func:`quantize_tiles`'s output."""
+    return (data.float() * scales.repeat_interleave(tile, -1))
+
+
+def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights ``[N, K]``: one scale per ``block x block``.
+
+    Returns (``float8_e4m3fn`` data ``[N, K]``, fp32 scales ``[N / block, K / block]``).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"weight of shape {list(w.shape)}: expected a 2-D [out_features, in_features] matrix")
+    _check_multiple("weight", w.shape, (0, 1), block)
+    n, k = w.shape
+    blocks = w.float().reshape(n // block, block, k // block, block)
+    scales = _scale(blocks.abs().amax(dim=(1, 3)))
+    return _to_fp8(blocks, scales[:, None, :, None]).reshape(n, k), scales
+
+
+def dequantize_blocks(data: torch.Tensor, scales: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """fp32 values of :func:`quantize_blocks`'s output."""
+    return data.float() * scales.repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+
+def _row_scales(scales: torch.Tensor, rows: int, block: int, name: str) -> torch.Tensor:
+    """Per-row scales ``[rows, K / block]`` from 1x128 tile scales (as they are)
+    or 128x128 block scales (each block row repeated)."""
+    if scales.shape[0] == rows:
+        return scales.float()
+    if scales.shape[0] * block == rows:
+        return scales.float().repeat_interleave(block, 0)
+    raise ValueError(f"{name}_scales of shape {list(scales.shape)} fit neither 1x{block} tiles ({rows} rows) nor "
+                     f"{block}x{block} blocks ({rows / block:g} rows) of a {rows}-row operand")
+
+
+def fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+               out_dtype: torch.dtype = torch.float32, block: int = BLOCK) -> torch.Tensor:
+    """``a @ b^T`` as an FP8 GEMM with fp32 accumulation computes it.
+
+    ``a`` ``[M, K]`` and ``b`` ``[N, K]`` are ``float8_e4m3fn``, both with K
+    (the reduction) last; each one's scales are ``[rows, K / block]`` (1 x block
+    tiles) or ``[rows / block, K / block]`` (block x block blocks). Each
+    ``block``-wide K slice is dequantized to fp32 (fp8 value x its scale) and
+    multiplied in fp32; the slices' products are summed in fp32, in K order.
+    """
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise TypeError(f"fp8_matmul takes {FP8_DTYPE} operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_matmul computes a @ b^T with a [M, K] and b [N, K]: got {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    _check_multiple("fp8_matmul operand a", a.shape, (1,), block)
+    kb = a.shape[1] // block
+    sa = _row_scales(a_scales, a.shape[0], block, "a")
+    sb = _row_scales(b_scales, b.shape[0], block, "b")
+    if sa.shape[1] != kb or sb.shape[1] != kb:
+        raise ValueError(f"scales of shapes {list(a_scales.shape)} and {list(b_scales.shape)} do not have "
+                         f"K / {block} = {kb} columns")
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+    for j in range(kb):
+        cols = slice(j * block, (j + 1) * block)
+        a_j = a[:, cols].float() * sa[:, j:j + 1]
+        b_j = b[:, cols].float() * sb[:, j:j + 1]
+        out += a_j @ b_j.t()
+    return out.to(out_dtype)
+
+
+def _pad_rows(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """``x`` with zero rows appended up to a multiple of ``block`` (a ragged edge tile)."""
+    extra = -x.shape[0] % block
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+def _pad_cols(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    extra = -x.shape[1] % block
+    return F.pad(x, (0, extra)) if extra else x
+
+
+def fprop(x2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """``x2 [T, K] @ W^T`` (W quantized ``[Np, K]``, N padded): fp32 ``[T, Np]``."""
+    qx, sx = quantize_tiles(x2)
+    return fp8_matmul(qx, sx, qw, sw)
+
+
+def dgrad(g2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """``dy [T, N] @ W`` (W quantized ``[Np, K]``): dy in 1x128 tiles along N, W^T's blocks. fp32 ``[T, K]``."""
+    qg, sg = quantize_tiles(_pad_cols(g2))
+    return fp8_matmul(qg, sg, qw.t(), sw.t())
+
+
+def wgrad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``dy^T [N, T] @ x [T, K]``: both quantized along T in 1x128 tiles (T padded). fp32 ``[N, K]``."""
+    qg, sg = quantize_tiles(_pad_rows(g2).t())
+    qx, sx = quantize_tiles(_pad_rows(x2).t())
+    return fp8_matmul(qg, sg, qx, sx)
+
+
+class FP8Linear(torch.autograd.Function):
+    """``x @ W^T + b`` with Fprop, Dgrad and Wgrad through :func:`fp8_matmul`.
+
+    Inputs are quantized on the fly; the weight's master stays in its own
+    dtype. Like :class:`mtrain.runtime.wgrad._Linear`, the weight gradient is
+    queued in the captured step context's sink while it defers W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        k = x.shape[-1]
+        if weight.dim() != 2 or weight.shape[1] != k:
+            raise ValueError(f"fp8_linear: weight of shape {list(weight.shape)} does not take inputs of shape "
+                             f"{list(x.shape)}")
+        _check_multiple("fp8_linear input", x.shape, (x.dim() - 1,), BLOCK)
+        n = weight.shape[0]
+        qw, sw = quantize_blocks(_pad_rows(weight.detach()))
+        y = fprop(x.reshape(-1, k), qw, sw)[:, :n].reshape(*x.shape[:-1], n).to(x.dtype)
+        ctx.save_for_backward(x, qw, sw)
+        ctx.param = weight  # deferred gradients must land on the real parameter (see _Linear)
+        ctx.step = current_step()
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, qw, sw = ctx.saved_tensors
+        k, n = x.shape[-1], grad_out.shape[-1]
+        g2 = grad_out.reshape(-1, n)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = dgrad(g2, qw, sw).reshape(x.shape).to(x.dtype)
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None, None
+        x2 = x.reshape(-1, k)
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        if defer_weight_grad(ctx.step, ctx.param, lambda: wgrad(g2, x2)):
+            return grad_x, None, grad_b
+        return grad_x, wgrad(g2, x2).to(ctx.weight_dtype), grad_b
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` through the FP8 reference GEMMs; its weight
+    gradient can be deferred like :func:`mtrain.runtime.wgrad.linear`'s."""
+    return FP8Linear.apply(x, weight, bias)
