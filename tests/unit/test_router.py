@@ -92,6 +92,16 @@ def test_loads_are_counted():
 
 # --- against transformers' DeepSeek-V3 router -----------------------------------------------
 
+def assert_same_routing(router, reference, x):
+    """Same experts and gates per token as a transformers router (which returns its top-k unsorted)."""
+    ours = router(x)
+    _, ref_weights, ref_idx = reference(x)
+    order, ref_order = ours.topk_idx.argsort(-1), ref_idx.argsort(-1)
+    assert torch.equal(ours.topk_idx.gather(1, order), ref_idx.gather(1, ref_order))
+    torch.testing.assert_close(ours.topk_weights.gather(1, order), ref_weights.gather(1, ref_order),
+                               rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("experts,n_group,topk_group,topk,norm", [
     (16, 4, 1, 4, True),  # one group holds all four: a group's score is still its two best
     (16, 4, 2, 1, True),  # top-1: the gate is normalised to 1 (times the scaling), as V3's
@@ -117,13 +127,7 @@ def test_routing_matches_transformers_deepseek_v3(experts, n_group, topk_group, 
     reference.e_score_correction_bias.copy_(router.expert_bias)
     x = torch.randn(300, cfg.hidden_size, generator=gen)
 
-    ours = router(x)
-    _, ref_weights, ref_idx = reference(x)
-    # transformers returns the top-k unsorted: compare each token's experts as sorted pairs.
-    order, ref_order = ours.topk_idx.argsort(-1), ref_idx.argsort(-1)
-    assert torch.equal(ours.topk_idx.gather(1, order), ref_idx.gather(1, ref_order))
-    torch.testing.assert_close(ours.topk_weights.gather(1, order), ref_weights.gather(1, ref_order),
-                               rtol=1e-6, atol=1e-7)
+    assert_same_routing(router, reference, x)
 
 
 @pytest.mark.parametrize("experts,n_group,topk_group,topk", [
@@ -149,12 +153,7 @@ def test_routing_matches_transformers_deepseek_v2(experts, n_group, topk_group, 
     reference.weight.data.copy_(router.weight.data)
     x = torch.randn(300, cfg.hidden_size, generator=gen)
 
-    ours = router(x)
-    _, ref_weights, ref_idx = reference(x)
-    order, ref_order = ours.topk_idx.argsort(-1), ref_idx.argsort(-1)
-    assert torch.equal(ours.topk_idx.gather(1, order), ref_idx.gather(1, ref_order))
-    torch.testing.assert_close(ours.topk_weights.gather(1, order), ref_weights.gather(1, ref_order),
-                               rtol=1e-6, atol=1e-7)
+    assert_same_routing(router, reference, x)
 
 
 # --- node-limited routing ---------------------------------------------------------------------
