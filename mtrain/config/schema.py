@@ -198,9 +198,9 @@ class TrainConfig:
     seed: int = 1234
     # bf16: bf16 compute with fp32 master weights; auto: bf16 on nccl, fp32 on gloo.
     dtype: Dtype = Dtype.auto
-    # blockwise: DeepSeek-V3's FP8 recipe for the linears' and experts' GEMMs
-    # (E4M3, 1x128 activation tiles, 128x128 weight blocks; docs/fp8.md). The
-    # numerics exist as a reference (mtrain/model/fp8.py); the layers do not use it yet.
+    # blockwise: DeepSeek-V3's FP8 recipe (E4M3, 1x128 activation tiles, 128x128
+    # weight blocks; docs/fp8.md) for the dense linears' GEMMs, through the CPU
+    # reference mtrain/model/fp8.py; the routed experts stay in high precision.
     fp8: Fp8 = Fp8.none
     lr: float = 3e-3
     min_lr: float = 3e-4

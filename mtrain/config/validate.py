@@ -135,9 +135,15 @@ FP8_TILE = 128  # mtrain.model.fp8.BLOCK: 1x128 activation tiles, 128x128 weight
 
 
 def fp8_width_errors(m, tp: int) -> list[str]:
-    """train.fp8=blockwise: every width an FP8 GEMM reduces over (a linear's or
-    expert's input features, on one TP rank) must be a multiple of 128.
+    """train.fp8=blockwise: every width an FP8 GEMM reduces over (a wired
+    linear's input features, on one TP rank) must be a multiple of 128.
 
+    The wired linears (docs/fp8.md): q_a, kv_a and q_proj (hidden_size), q_b
+    (q_lora_rank), kv_b (kv_lora_rank), o_proj (num_heads x v_head_dim / tp),
+    the dense MLP's down (ffn_hidden_size / tp) and gate/up (hidden_size), the
+    shared experts' (num_shared_experts x moe_ffn_hidden_size / tp, and
+    hidden_size), MTP's proj (2 x hidden_size: covered by hidden_size). The
+    routed experts stay in high precision, so moe_ffn_hidden_size alone is free.
     Output widths may be ragged (an edge block, as in DeepSeek-V3's 576-row
     kv_a_proj_with_mqa); token counts are padded.
     """
@@ -153,18 +159,14 @@ def fp8_width_errors(m, tp: int) -> list[str]:
     if m.first_k_dense:
         widths.append((f"model.ffn_hidden_size / parallel.tp ({m.ffn_hidden_size} / {tp})",
                        m.ffn_hidden_size // tp, "model.ffn_hidden_size"))
-    if m.first_k_dense < m.num_layers:
-        widths.append(("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size, "model.moe_ffn_hidden_size"))
+    if m.first_k_dense < m.num_layers + m.mtp_depth:  # some MoE layer (MTP's layers come after the main ones)
         if m.num_shared_experts:
             widths.append((f"model.num_shared_experts x model.moe_ffn_hidden_size / parallel.tp "
                            f"({m.num_shared_experts} x {m.moe_ffn_hidden_size} / {tp})",
                            m.num_shared_experts * m.moe_ffn_hidden_size // tp, "model.moe_ffn_hidden_size"))
-    errors = [f"train.fp8=blockwise: {what}={w} is not a multiple of {FP8_TILE} (FP8 GEMMs reduce in "
-              f"{FP8_TILE}-wide tiles): set {fix} so it is, or train.fp8=none"
-              for what, w, fix in widths if w % FP8_TILE]
-    errors.append("train.fp8=blockwise: the FP8 GEMMs exist as a reference (mtrain/model/fp8.py, docs/fp8.md) "
-                  "but the model's layers do not use them yet: use train.fp8=none")
-    return errors
+    return [f"train.fp8=blockwise: {what}={w} is not a multiple of {FP8_TILE} (FP8 GEMMs reduce in "
+            f"{FP8_TILE}-wide tiles): set {fix} so it is, or train.fp8=none"
+            for what, w, fix in widths if w % FP8_TILE]
 
 
 def field_errors(cfg, world_size: int | None = None) -> list[str]:
@@ -191,6 +193,9 @@ def field_errors(cfg, world_size: int | None = None) -> list[str]:
     errors += _model_errors(m, max(p.tp, 1), max(p.ep, 1))
     if t.fp8 == "blockwise":
         errors += fp8_width_errors(m, max(p.tp, 1))
+        if p.tp > 1:  # its gradients against tp=1 are not yet explained (docs/fp8.md)
+            errors.append(f"train.fp8=blockwise is verified at parallel.tp=1 only (got tp={p.tp}): use tp=1 "
+                          f"(expert, data and pipeline parallelism are fine) or train.fp8=none")
     if t.steps < 1 or t.micro_batch_size < 1:
         errors.append(f"train.steps={t.steps} and train.micro_batch_size={t.micro_batch_size} must be at least 1")
     if cfg.data.seq_len < 2:

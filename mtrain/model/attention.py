@@ -47,7 +47,8 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg, tp_group: Group = None):
+    def __init__(self, cfg, tp_group: Group = None, fp8: bool = False):
+        """``fp8``: the five projections' GEMMs are FP8 (docs/fp8.md); the norms and the core are not."""
         super().__init__()
         self.tp_group = tp_group
         self.num_local_heads = divide(cfg.num_heads, tp_size(tp_group), "model.num_heads")
@@ -60,15 +61,16 @@ class MLAttention(nn.Module):
 
         self.compresses_queries = cfg.q_lora_rank > 0
         if self.compresses_queries:
-            self.q_a = ReplicatedLinear(hidden, cfg.q_lora_rank, std)
+            self.q_a = ReplicatedLinear(hidden, cfg.q_lora_rank, std, fp8=fp8)
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, cfg.compile)
-            self.q_b = ColumnParallelLinear(cfg.q_lora_rank, heads * qk_dim, tp_group, std)
+            self.q_b = ColumnParallelLinear(cfg.q_lora_rank, heads * qk_dim, tp_group, std, fp8=fp8)
         else:
-            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, tp_group, std)
-        self.kv_a = ReplicatedLinear(hidden, cfg.kv_lora_rank + self.rope_dim, std)
+            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, tp_group, std, fp8=fp8)
+        self.kv_a = ReplicatedLinear(hidden, cfg.kv_lora_rank + self.rope_dim, std, fp8=fp8)
         self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, cfg.compile)
-        self.kv_b = ColumnParallelLinear(cfg.kv_lora_rank, heads * (self.nope_dim + self.v_dim), tp_group, std)
-        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, tp_group, std)
+        self.kv_b = ColumnParallelLinear(cfg.kv_lora_rank, heads * (self.nope_dim + self.v_dim), tp_group, std,
+                                         fp8=fp8)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, tp_group, std, fp8=fp8)
         self._heads = compiled(attention_heads, cfg.compile)
 
     def _up_project(self, q_in: torch.Tensor, kv_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,9 @@ class ModelGroups:
     # (node, rail) groups of the two-level dispatch: the EP ranks of this rank's
     # node, and those of its index inside the node (one per node). None: one level.
     ep_hops: Optional[tuple] = None
+    # train.fp8=blockwise: the dense linears (attention projections, dense and
+    # shared-expert MLPs, MTP proj) run the FP8 reference GEMMs (docs/fp8.md).
+    fp8: bool = False
 
 
 @dataclass
@@ -49,13 +52,14 @@ class DecoderLayer(nn.Module):
         self.name = f"L{layer_idx}"
         self.full_recompute = cfg.recompute == "full"
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
-        self.attn = MLAttention(cfg, groups.tp)
+        self.attn = MLAttention(cfg, groups.tp, fp8=groups.fp8)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
         if layer_idx < cfg.first_k_dense:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std, cfg.compile)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std, cfg.compile,
+                                groups.fp8)
         else:
             self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp,
-                                groups.ep_nodes, groups.ep_hops)
+                                groups.ep_nodes, groups.ep_hops, fp8=groups.fp8)
 
     @property
     def is_moe(self) -> bool:

@@ -14,15 +14,19 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class DenseMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``: gate and up split by output features, down by input features."""
+    """``down(silu(gate(x)) * up(x))``: gate and up split by output features, down by input features.
 
-    def __init__(self, hidden: int, ffn_hidden: int, tp_group: Group, init_std: float, compile: bool = False):
+    ``fp8``: the three GEMMs are FP8 (docs/fp8.md).
+    """
+
+    def __init__(self, hidden: int, ffn_hidden: int, tp_group: Group, init_std: float, compile: bool = False,
+                 fp8: bool = False):
         super().__init__()
         self._act = compiled(swiglu, compile)
         self.tp_group = tp_group
-        self.gate = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std)
-        self.up = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std)
-        self.down = RowParallelLinear(ffn_hidden, hidden, tp_group, init_std)
+        self.gate = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std, fp8=fp8)
+        self.up = ColumnParallelLinear(hidden, ffn_hidden, tp_group, init_std, fp8=fp8)
+        self.down = RowParallelLinear(ffn_hidden, hidden, tp_group, init_std, fp8=fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp(x, self.tp_group)  # one gradient all-reduce for both column layers

@@ -64,7 +64,7 @@ class MTPModule(nn.Module):
         self.depth = depth
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
         self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.compile)
-        self.proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, cfg.init_std)
+        self.proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, cfg.init_std, fp8=groups.fp8)
         # Global index past the main layers keeps parameter and step names unique.
         self.layer = DecoderLayer(cfg, cfg.num_layers + depth - 1, groups)
         self.layer.name = f"MTP{depth}"

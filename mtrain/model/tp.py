@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from mtrain.model.fp8 import fp8_linear
 from mtrain.model.params import tag
 from mtrain.runtime.wgrad import linear
 
@@ -33,6 +34,13 @@ def tp_size(group: Group) -> int:
 
 def tp_rank(group: Group) -> int:
     return 0 if group is None else dist.get_rank(group)
+
+
+def local_linear(fp8: bool):
+    """This rank's GEMM of a linear layer: :func:`mtrain.model.fp8.fp8_linear`
+    (``train.fp8=blockwise``, docs/fp8.md) or :func:`mtrain.runtime.wgrad.linear`.
+    Both defer their weight gradient alike."""
+    return fp8_linear if fp8 else linear
 
 
 def divide(n: int, parts: int, what: str) -> int:
@@ -141,28 +149,33 @@ class ReplicatedLinear(nn.Module):
     """``y = x W^T`` with the whole weight on every TP rank (untagged).
 
     Inside a TP region, wrap its output with :func:`copy_to_tp` where it feeds
-    per-rank computation, so its gradient is summed over the ranks.
+    per-rank computation, so its gradient is summed over the ranks. ``fp8``:
+    the GEMMs run through :func:`mtrain.model.fp8.fp8_linear` (``in_f`` a
+    multiple of 128).
     """
 
-    def __init__(self, in_f: int, out_f: int, init_std: float):
+    def __init__(self, in_f: int, out_f: int, init_std: float, fp8: bool = False):
         super().__init__()
         self.weight = _normal((out_f, in_f), init_std)
+        self.fp8 = fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return local_linear(self.fp8)(x, self.weight)
 
 
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T (+ b)`` with W's output features split over the TP ranks.
 
     Weight ``[out_f / tp, in_f]``; the output holds this rank's features unless
-    ``gather_output``.
+    ``gather_output``. ``fp8``: the local GEMMs are FP8 (:func:`local_linear`);
+    the communication is unchanged.
     """
 
     def __init__(self, in_f: int, out_f: int, group: Group, init_std: float,
-                 bias: bool = False, gather_output: bool = False):
+                 bias: bool = False, gather_output: bool = False, fp8: bool = False):
         super().__init__()
         self.group, self.gather_output = group, gather_output
+        self.fp8 = fp8
         local_out = divide(out_f, tp_size(group), "output features")
         self.weight = tag(_normal((local_out, in_f), init_std), shard_dim=0, shard_group="tp")
         self.bias = tag(nn.Parameter(torch.zeros(local_out)), shard_dim=0, shard_group="tp",
@@ -176,7 +189,7 @@ class ColumnParallelLinear(nn.Module):
 
         Several column layers reading one input share one gradient all-reduce this way.
         """
-        y = linear(x, self.weight, self.bias)
+        y = local_linear(self.fp8)(x, self.weight, self.bias)
         return gather_from_tp(y, -1, self.group) if self.gather_output else y
 
 
@@ -185,13 +198,15 @@ class RowParallelLinear(nn.Module):
 
     Weight ``[out_f, in_f / tp]``. With ``input_is_parallel`` the input already
     holds this rank's features (a column-parallel output); otherwise the full
-    input is split here.
+    input is split here. ``fp8``: the local GEMM is FP8 (:func:`local_linear`;
+    ``in_f / tp`` a multiple of 128); the all-reduce is unchanged.
     """
 
     def __init__(self, in_f: int, out_f: int, group: Group, init_std: float,
-                 bias: bool = False, input_is_parallel: bool = True):
+                 bias: bool = False, input_is_parallel: bool = True, fp8: bool = False):
         super().__init__()
         self.group, self.input_is_parallel = group, input_is_parallel
+        self.fp8 = fp8
         local_in = divide(in_f, tp_size(group), "input features")
         self.weight = tag(_normal((out_f, local_in), init_std), shard_dim=1, shard_group="tp")
         # Added after the all-reduce, so it is replicated.
@@ -200,7 +215,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = scatter_to_tp(x, -1, self.group)
-        y = reduce_from_tp(linear(x, self.weight), self.group)
+        y = reduce_from_tp(local_linear(self.fp8)(x, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
 
 

@@ -28,8 +28,9 @@ def coords_of(groups) -> dict:
 
 
 def model_groups(cfg, groups) -> ModelGroups:
+    fp8 = cfg.train.fp8 == "blockwise"
     if groups is None:
-        return ModelGroups(dispatcher=cfg.parallel.dispatcher, deepep_num_sms=cfg.parallel.deepep_num_sms)
+        return ModelGroups(dispatcher=cfg.parallel.dispatcher, deepep_num_sms=cfg.parallel.deepep_num_sms, fp8=fp8)
     p = cfg.parallel
     ep = groups.size("ep")
     nodes = ep_nodes(ep, groups.size("tp"), ranks_per_node(), p.ep_ranks_per_node)
@@ -38,7 +39,7 @@ def model_groups(cfg, groups) -> ModelGroups:
     two_level = hops == 2 and ep > 1 and str(p.dispatcher) in ("auto", "alltoall")
     return ModelGroups(tp=groups.group("tp"), ep=groups.group("ep"), expert_tp=groups.group("expert_tp"),
                        dispatcher=p.dispatcher, deepep_num_sms=p.deepep_num_sms, ep_nodes=nodes,
-                       ep_hops=groups.ep_hops(ep // nodes) if two_level else None)
+                       ep_hops=groups.ep_hops(ep // nodes) if two_level else None, fp8=fp8)
 
 
 def build_chunks(cfg, groups=None, pp_rank: int = 0, seed: Optional[int] = None) -> dict[ChunkKey, ModelChunk]:

@@ -39,7 +39,8 @@ class MoECarry(Carry):
 
 class MoELayer(nn.Module):
     def __init__(self, cfg, tp_group=None, ep_group=None, dispatcher: str = "auto", num_sms: int = 20,
-                 expert_tp_group=None, ep_nodes: int = 1, ep_hops: Optional[tuple] = None):
+                 expert_tp_group=None, ep_nodes: int = 1, ep_hops: Optional[tuple] = None, fp8: bool = False):
+        """``fp8``: the shared experts' GEMMs are FP8; the router and the routed experts are not (docs/fp8.md)."""
         super().__init__()
         ep = 1 if ep_group is None else dist.get_world_size(ep_group)
         expert_tp = 1 if expert_tp_group is None else dist.get_world_size(expert_tp_group)
@@ -53,7 +54,7 @@ class MoELayer(nn.Module):
                                       cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm,
                                       cfg.compile)
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std,
-                                cfg.compile) if cfg.num_shared_experts else None)
+                                cfg.compile, fp8=fp8) if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms, cfg.hidden_size,
                                           hop_groups=ep_hops)
         self.recompute = cfg.recompute == "full"
