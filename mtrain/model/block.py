@@ -15,28 +15,11 @@ import torch.nn as nn
 
 from mtrain.model.attention import MLAttention
 from mtrain.model.mlp import DenseMLP
+from mtrain.model.groups import ModelGroups
 from mtrain.model.moe.layer import MoECarry, MoELayer
 from mtrain.model.norm import RMSNorm
 from mtrain.runtime.context import StepContext, maybe_recompute
 from mtrain.runtime.program import Compute, run_plain
-
-
-@dataclass
-class ModelGroups:
-    """The process groups the model talks over (None: a single rank)."""
-
-    tp: Optional[object] = None
-    ep: Optional[object] = None
-    expert_tp: Optional[object] = None
-    dispatcher: str = "auto"
-    deepep_num_sms: int = 20
-    ep_nodes: int = 1  # nodes the EP group spans (node-limited routing)
-    # (node, rail) groups of the two-level dispatch: the EP ranks of this rank's
-    # node, and those of its index inside the node (one per node). None: one level.
-    ep_hops: Optional[tuple] = None
-    # train.fp8=blockwise: the dense linears (attention projections, dense and
-    # shared-expert MLPs, MTP proj) run the FP8 reference GEMMs (docs/fp8.md).
-    fp8: bool = False
 
 
 @dataclass
@@ -58,8 +41,7 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(cfg.hidden_size, cfg.ffn_hidden_size, groups.tp, cfg.init_std, cfg.compile,
                                 groups.fp8)
         else:
-            self.mlp = MoELayer(cfg, groups.tp, groups.ep, groups.dispatcher, groups.deepep_num_sms, groups.expert_tp,
-                                groups.ep_nodes, groups.ep_hops, fp8=groups.fp8)
+            self.mlp = MoELayer(cfg, groups)
 
     @property
     def is_moe(self) -> bool:

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from mtrain.model.attention import ReplicatedLinear
-from mtrain.model.block import DecoderLayer, LayerCarry, ModelGroups
+from mtrain.model.block import DecoderLayer, LayerCarry
+from mtrain.model.groups import ModelGroups
 from mtrain.model.norm import RMSNorm
 from mtrain.model.params import meta
 from mtrain.model.rope import rope_tables

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from mtrain.model.block import ModelGroups
+from mtrain.model.groups import ModelGroups
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.partition import stage_layers
 from mtrain.parallel.env import ep_nodes, ranks_per_node

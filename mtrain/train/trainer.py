@@ -128,7 +128,6 @@ class Trainer:
         dataset = build_gpt_dataset(cfg.data, cfg.model.vocab_size, split=cfg.eval.split)  # its train part
         self.loader = StepLoader(dataset, cfg.train.micro_batch_size, self.batch.num_microbatches,
                                  self.groups.index("dp"), self.groups.size("dp"), schedule=self.batch)
-        self.tokens_per_step = self.batch.global_batch_size * cfg.data.seq_len  # at the full batch; see train_step
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.timer = StepTimer(self.device)
         self.step = 0

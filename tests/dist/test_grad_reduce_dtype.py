@@ -10,29 +10,22 @@ the fp32 reduction.
 import pytest
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-
-from mtrain.model.params import tag
 from mtrain.parallel.groups import create_groups
 from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.schedule_rules import placement
 from mtrain.testing import run_distributed
 from mtrain.train.grads import attach_main_grads, main_grad, reduce_gradients
 from mtrain.train.optimizer import ZeroAdamW
+from tests.dist.test_zero import TRAIN
+from tests.dist.test_zero import make_params as zero_test_params
 
-TRAIN = OmegaConf.create({"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1})
 SHAPES = {**{f"w{i}": (16 + 3 * i, 8) for i in range(6)}, **{f"b{i}": (16 + 3 * i,) for i in range(6)},
           "experts": (2, 6, 4)}
 U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits, half an ulp at 1
 
 
 def make_params(dtype):
-    g = torch.Generator().manual_seed(0)
-    params = {}
-    for name, shape in SHAPES.items():
-        p = torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype))
-        params[name] = tag(p, expert=True) if name == "experts" else p
-    return params
+    return zero_test_params(dtype, SHAPES)
 
 
 def _worker(zero: bool, dtype):

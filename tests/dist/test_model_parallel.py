@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from mtrain.config.loading import load_config
-from mtrain.model.block import ModelGroups
+from mtrain.model.groups import ModelGroups
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.params import meta
 from mtrain.model.sharding import shard_tensor

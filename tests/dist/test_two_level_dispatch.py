@@ -12,6 +12,7 @@ import torch.distributed as dist
 from mtrain.config.loading import load_config
 from mtrain.model.model import initialize
 from mtrain.model.moe.dispatch import Dispatcher
+from mtrain.model.groups import ModelGroups
 from mtrain.model.moe.layer import MoELayer
 from mtrain.model.params import meta
 from mtrain.model.sharding import shard_tensor
@@ -50,7 +51,7 @@ def run_layer(moe, rank: int):
 def _layer_worker():
     groups = create_groups(build_layout(WORLD, ep=WORLD), timeout_s=30)
     cfg = load_config(ROUTING).model
-    moe = MoELayer(cfg, ep_group=groups.group("ep"), dispatcher="alltoall", ep_hops=groups.ep_hops(PER_NODE))
+    moe = MoELayer(cfg, ModelGroups(ep=groups.group("ep"), dispatcher="alltoall", ep_hops=groups.ep_hops(PER_NODE)))
     assert moe.dispatcher.nodes == 2 and moe.dispatcher.node_size == PER_NODE
     initialize(moe, SEED, cfg.init_std, {"ep": (groups.index("ep"), WORLD)})
     return run_layer(moe, dist.get_rank())
@@ -59,7 +60,7 @@ def _layer_worker():
 def test_two_level_moe_layer_matches_single_process():
     results = run_distributed(_layer_worker, WORLD, timeout=60)
     cfg = load_config(ROUTING).model
-    reference = MoELayer(cfg, dispatcher="alltoall")
+    reference = MoELayer(cfg, ModelGroups(dispatcher="alltoall"))
     initialize(reference, SEED, cfg.init_std)
     params = dict(reference.named_parameters())
     refs = []

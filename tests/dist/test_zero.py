@@ -20,10 +20,11 @@ SHAPES = {**{f"w{i}": (16 + 3 * i, 8) for i in range(12)}, **{f"b{i}": (16 + 3 *
           "experts": (2, 6, 4)}
 
 
-def make_params(dtype):
+def make_params(dtype, shapes=SHAPES):
+    """Seeded parameters of ``shapes``; ``experts`` tagged as an expert tensor."""
     g = torch.Generator().manual_seed(0)
     params = {}
-    for name, shape in SHAPES.items():
+    for name, shape in shapes.items():
         p = torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype))
         params[name] = tag(p, expert=True) if name == "experts" else p
     return params

@@ -4,7 +4,6 @@ checkpoint to continue, set damaged ones aside, refuse to start over on
 checkpoints, never overwrite newer ones, and survive or stop cleanly on a
 failed save."""
 import errno
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,26 +14,10 @@ import pytest
 from mtrain.config.loading import load_config
 from mtrain.testing import run_distributed
 from tests.e2e.test_train import BASE, read_metrics, train
+from tests.unit.test_checkpoint_integrity import flip_4k, tree
 
 EP2 = ["parallel.pp=1", "parallel.ep=2", "parallel.schedule=1f1b", "parallel.num_microbatches=2",
        "model.num_layers=2"]
-
-
-def tree(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def flip_4k(step_dir):
-    """4 KiB overwritten inside the largest data file (over 1 MiB), size unchanged."""
-    file = max(step_dir.glob("*.distcp"), key=lambda p: p.stat().st_size)
-    assert file.stat().st_size > 1 << 20
-    with open(file, "r+b") as f:
-        f.seek(file.stat().st_size // 2)
-        block = f.read(4096)
-        f.seek(-len(block), 1)
-        f.write(bytes(b ^ 0xFF for b in block))
-    return file
 
 
 def rank_logs(run_dir):

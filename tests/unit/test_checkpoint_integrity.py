@@ -109,12 +109,17 @@ def test_a_damaged_latest_is_set_aside_and_the_previous_checkpoint_resumed(tmp_p
     assert aside[0].is_dir() and [p.name for p in step_dirs(tmp_path)] == ["step_000003"]
 
 
-def test_no_checkpoint_verifies_refuses_and_changes_nothing(tmp_path):
+def two_unloadable_checkpoints(root):
+    """step 1 without its COMPLETE marker, step 2 (named in latest) damaged; the tree's hashes."""
     for step in (1, 2):
-        save(tmp_path, step)
-    flip_4k(step_dir(tmp_path, 2))
-    (step_dir(tmp_path, 1) / MARKER).unlink()
-    before = tree(tmp_path)
+        save(root, step)
+    flip_4k(step_dir(root, 2))
+    (step_dir(root, 1) / MARKER).unlink()
+    return tree(root)
+
+
+def test_no_checkpoint_verifies_refuses_and_changes_nothing(tmp_path):
+    before = two_unloadable_checkpoints(tmp_path)
     with pytest.raises(ResumeRefused) as refused:
         resume(tmp_path)
     message = str(refused.value)
@@ -125,11 +130,7 @@ def test_no_checkpoint_verifies_refuses_and_changes_nothing(tmp_path):
 
 
 def test_a_fresh_start_sets_every_checkpoint_aside(tmp_path):
-    for step in (1, 2):
-        save(tmp_path, step)
-    flip_4k(step_dir(tmp_path, 2))
-    (step_dir(tmp_path, 1) / MARKER).unlink()
-    before = tree(tmp_path)
+    before = two_unloadable_checkpoints(tmp_path)
     step, extra, aside = resume(tmp_path, allow_fresh_start=True)
     assert step == 0 and extra is None
     assert sorted(p.name.rsplit("-", 1)[0] for p in aside) == [

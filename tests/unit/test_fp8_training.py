@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mtrain.config.loading import load_config
-from mtrain.model.block import ModelGroups
+from mtrain.model.groups import ModelGroups
 from mtrain.model.fp8 import FP8Linear
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.tp import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from mtrain.config.loading import load_config
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.moe.dispatch import expert_major_index
+from mtrain.model.groups import ModelGroups
 from mtrain.model.moe.layer import MoELayer
 from mtrain.pipeline.executor import PipelineExecutor
 from mtrain.runtime.context import StepContext
@@ -38,7 +39,7 @@ def test_expert_major_index_matches_the_block_by_block_definition(counts):
 def moe_syncs(ep_group=None) -> tuple[int, int]:
     cfg = load_config(["model.aux_loss_alpha=0.01"]).model
     torch.manual_seed(0)
-    moe = MoELayer(cfg, ep_group=ep_group, dispatcher="alltoall")
+    moe = MoELayer(cfg, ModelGroups(ep=ep_group, dispatcher="alltoall"))
     x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
     with HostSyncCounter() as forward:
         y = moe(x, StepContext())

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 
+from mtrain.model.groups import ModelGroups
 from mtrain.model.mlp import DenseMLP
 from mtrain.model.moe.dispatch import DispatchPlan, make_dispatcher
 from mtrain.model.moe.experts import GroupedExperts
@@ -38,10 +39,12 @@ class MoECarry(Carry):
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg, tp_group=None, ep_group=None, dispatcher: str = "auto", num_sms: int = 20,
-                 expert_tp_group=None, ep_nodes: int = 1, ep_hops: Optional[tuple] = None, fp8: bool = False):
-        """``fp8``: the shared experts' GEMMs are FP8; the router and the routed experts are not (docs/fp8.md)."""
+    def __init__(self, cfg, groups: Optional[ModelGroups] = None):
+        """With ``groups.fp8`` the shared experts' GEMMs are FP8; the router and
+        the routed experts are not (docs/fp8.md)."""
         super().__init__()
+        g = groups or ModelGroups()
+        tp_group, ep_group, expert_tp_group = g.tp, g.ep, g.expert_tp
         ep = 1 if ep_group is None else dist.get_world_size(ep_group)
         expert_tp = 1 if expert_tp_group is None else dist.get_world_size(expert_tp_group)
         if cfg.moe_ffn_hidden_size % expert_tp:
@@ -49,14 +52,14 @@ class MoELayer(nn.Module):
                              f"parallel.expert_tp={expert_tp}")
         self.tp_group = tp_group
         self.expert_tp_group = expert_tp_group if expert_tp > 1 else None
-        self.router = Router(cfg, cfg.init_std, nodes=ep_nodes)
+        self.router = Router(cfg, cfg.init_std, nodes=g.ep_nodes)
         self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size,
                                       cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm,
                                       cfg.compile)
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std,
-                                cfg.compile, fp8=fp8) if cfg.num_shared_experts else None)
-        self.dispatcher = make_dispatcher(dispatcher, cfg.num_routed_experts, ep_group, num_sms, cfg.hidden_size,
-                                          hop_groups=ep_hops)
+                                cfg.compile, fp8=g.fp8) if cfg.num_shared_experts else None)
+        self.dispatcher = make_dispatcher(g.dispatcher, cfg.num_routed_experts, ep_group, g.deepep_num_sms,
+                                          cfg.hidden_size, hop_groups=g.ep_hops)
         self.recompute = cfg.recompute == "full"
 
     def forward(self, x_norm: torch.Tensor, step: Optional[StepContext] = None) -> torch.Tensor:
