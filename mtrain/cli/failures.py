@@ -36,8 +36,9 @@ from mtrain.train.hf_import import HFCheckpointError
 from mtrain.train.trainer import TrainingAborted
 
 AGREED = (ConfigError, CheckpointError)
+# OSError covers a missing or unwritable file and a full disk; ImportError a missing optional package.
 KNOWN = (CorruptDatasetError, BatchConfigError, BlendError, CorruptCheckpointError, HFCheckpointError,
-         TrainingAborted, FileNotFoundError, PermissionError, IsADirectoryError, ImportError, OSError)
+         TrainingAborted, ImportError, OSError)
 
 
 def _log() -> logging.Logger | None:
