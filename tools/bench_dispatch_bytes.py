@@ -19,6 +19,9 @@ number of rows without gates or ids):
 - ``per rank``: one row (hidden + k gates, bf16) per other destination rank,
   plus its k int32 local expert ids (the alltoall backend sends them in the
   plan; DeepEP sends its own int64 ids);
+- ``per rank, FP8``: the same rows with the hidden state as E4M3 (1 byte per
+  channel) plus one fp32 scale per 128 channels (``train.fp8=blockwise``, the
+  payload of :mod:`mtrain.model.moe.fp8_dispatch`; the gates stay bf16);
 - ``rows crossing nodes``: how many of those rows leave the node, per token,
   for each scheme, and the number of distinct other nodes (what a two-level
   exchange, once per node then forwarded over NVLink, sends).
@@ -34,6 +37,7 @@ import argparse
 
 import torch
 
+from mtrain.model.moe.fp8_dispatch import payload_row_bytes
 from mtrain.model.moe.router import select_experts
 
 
@@ -115,9 +119,9 @@ def main(argv=None) -> None:
     print(f"{args.experts} experts over EP{args.ep} ({per_rank} per rank, {per_node} ranks per node), "
           f"hidden {args.hidden} in bf16, groups {args.n_group} keep {args.topk_group}, "
           f"{args.tokens} random tokens from rank 0\n")
-    print("| top-k | per expert row (KiB/token) | per rank (KiB/token) | ratio | other ranks/token "
-          "| rows crossing nodes: per expert row / per rank / two-level (per node) |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print("| top-k | per expert row (KiB/token) | per rank (KiB/token) | ratio | per rank, FP8 (KiB/token) "
+          "| FP8 / bf16 | other ranks/token | rows crossing nodes: per expert row / per rank / two-level (per node) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     topks = [int(v) for v in args.topk.split(",")]
     for k in topks:
         scores = torch.randn(args.tokens, args.experts, generator=gen).sigmoid()
@@ -125,9 +129,10 @@ def main(argv=None) -> None:
         rows, ranks, rows_off, ranks_off, nodes = destinations(idx, per_rank, per_node, source_rank=0)
         row_bytes = args.hidden * 2
         per_row = rows.mean() * row_bytes
-        token_level = ranks.mean() * ((args.hidden + k) * 2 + k * 4)
+        token_level = ranks.mean() * (payload_row_bytes(args.hidden, k, torch.bfloat16, False) + k * 4)
+        fp8_level = ranks.mean() * (payload_row_bytes(args.hidden, k, torch.bfloat16, True) + k * 4)
         print(f"| {k} | {per_row / 1024:.1f} | {token_level / 1024:.1f} | {per_row / token_level:.2f}x "
-              f"| {ranks.mean():.2f} | {rows_off.mean():.2f} / {ranks_off.mean():.2f} / {nodes.mean():.2f} |")
+              f"| {fp8_level / 1024:.1f} | {fp8_level / token_level:.3f} | {ranks.mean():.2f} | {rows_off.mean():.2f} / {ranks_off.mean():.2f} / {nodes.mean():.2f} |")
     if args.measure:
         measure(args, topks)
 

@@ -146,6 +146,29 @@ def moe_layer(args, hidden: int, tokens: int):
     return layer, torch.randn(1, tokens, hidden, device=args.device)
 
 
+def fp8_gemm_rows(args, dense: float) -> None:
+    """Blockwise FP8 (1x128 x 128x128, torch's scaled matmul) at a V3 expert
+    shape against bf16, and its error against the reference on the same data."""
+    from mtrain.model import fp8, fp8_scaled_mm
+
+    m, k, n = (8192, 7168, 2048) if args.device == "cuda" else (256, 256, 128)
+    x = torch.randn(m, k, device=args.device)
+    w = torch.randn(n, k, device=args.device) * 0.02
+    qx, sx = fp8.quantize_tiles(x)
+    qw, sw = fp8.quantize_blocks(w)
+    reason = fp8_scaled_mm.unavailable_reason(torch.device(args.device))
+    if reason is not None:
+        row("FP8 GEMM scaled_mm", "skipped", reason)
+        return
+    seconds = timed(lambda: fp8_scaled_mm.scaled_mm_matmul(qx, sx, qw, sw, torch.bfloat16), 20)
+    rate = 2 * m * n * k / seconds / 1e12
+    got = fp8_scaled_mm.scaled_mm_matmul(qx, sx, qw, sw).float().cpu()
+    want = fp8.fp8_matmul(qx.cpu(), sx.cpu(), qw.cpu(), sw.cpu())
+    error = ((got - want).norm() / want.norm()).item()
+    row("FP8 GEMM scaled_mm", "ok", f"{rate:.1f} TFLOP/s = {rate / dense:.2f}x dense bf16 ({m}x{k} @ {k}x{n}); "
+                                    f"relative error vs reference {error:.1e}")
+
+
 def host_sync_row(args) -> None:
     from mtrain.runtime.context import StepContext
     from mtrain.testing.syncs import HostSyncCounter
@@ -218,7 +241,7 @@ def gpu_tests_row(args) -> None:
 
 
 def train_rows(args) -> None:
-    from mtrain.cli.planning import make_plan
+    from mtrain.planner.plan import make_plan
     from mtrain.config.loading import load_config
 
     steps, first = (40, 20) if args.device == "cuda" else (4, 2)
@@ -278,6 +301,7 @@ def main(argv=None) -> int:
     except Exception as e:
         row("dense bf16", "FAILED", str(e)[:160])
     attempt("grouped GEMM", grouped_gemm_rows, args, dense)
+    attempt("FP8 GEMM", fp8_gemm_rows, args, dense)
     attempt("host syncs, one MoE layer", host_sync_row, args)
     attempt("activation memory, one MoE layer", activation_memory_row, args)
     attempt("compile", compile_rows, args)

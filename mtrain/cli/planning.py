@@ -1,98 +1,5 @@
-"""The plan of a run for ``mtrain-plan``: resolved sizes, groups (DualPipe's
-mirrored ranks as ``stage_copy``), stage placement, parameter counts, FLOPs and
-memory, without starting processes."""
+"""Text form of a run's plan (:func:`mtrain.planner.plan.make_plan`) for ``mtrain-plan``."""
 from __future__ import annotations
-
-from mtrain.config.schema import resolve_dtype
-from mtrain.config.validate import planned_world_size
-from mtrain.data.batching import batch_schedule
-from mtrain.model.partition import stage_layers, stage_roles
-from mtrain.model.stats import flops_per_token, memory_estimate, param_counts
-from mtrain.parallel.layout import build_layout
-from mtrain.pipeline.schedule_rules import (copy_groups, num_model_stages, param_copies, peak_inflight_microbatches,
-                                            stages_of_rank)
-from mtrain.train.preflight import config_errors
-
-PLAN_GROUP_KINDS = ("tp", "pp", "dp", "ep", "expert_dp", "expert_tp", "mp", "embedding", "stage_copy")
-
-
-def make_plan(cfg, world_size: int | None = None) -> dict:
-    """A JSON-ready description of the run; ``errors`` lists every config problem."""
-    world = planned_world_size(cfg) if world_size is None else world_size
-    p = cfg.parallel
-    plan = {
-        "world_size": world,
-        "tp": p.tp, "ep": p.ep, "expert_tp": p.expert_tp, "pp": p.pp, "dp": None,
-        "expert_dp": None, "order": p.order, "schedule": str(p.schedule),
-        "num_microbatches": p.num_microbatches, "groups": {}, "pipeline_ranks": [],
-        "errors": config_errors(cfg, world),
-    }
-    if plan["errors"]:
-        return plan
-    layout = build_layout(world, p.tp, p.ep, p.expert_tp, p.pp, p.order, copy_groups(p.schedule, p.pp))
-    plan.update(dp=layout.dp, expert_dp=layout.expert_dp)
-    plan["groups"] = {k: layout.groups[k] for k in PLAN_GROUP_KINDS if k in layout.groups}
-    plan["num_stages"] = num_model_stages(p.schedule, p.pp)
-    plan["param_copies"] = param_copies(p.schedule)
-    plan["pipeline_ranks"] = [
-        {"pp_rank": r, "stages": stages_of_rank(p.schedule, p.pp, r),
-         "ranks": [pipe[r] for pipe in layout.groups["pp"]]}
-        for r in range(p.pp)
-    ]
-    plan.update(batch_facts(cfg, layout.dp))
-    plan.update(model_facts(cfg, world))
-    return plan
-
-
-def batch_facts(cfg, dp: int) -> dict:
-    """The global batch (given or derived), micro-batches per data-parallel
-    rank, and the batch-size ramp with the steps and samples it takes."""
-    batch = batch_schedule(cfg.train, cfg.parallel, dp)
-    facts = {"num_microbatches": batch.num_microbatches, "global_batch_size": batch.global_batch_size,
-             "tokens_per_step": batch.global_batch_size * cfg.data.seq_len, "batch_ramp": None}
-    if batch.ramp is not None:
-        steps, samples = batch.ramp_steps()
-        facts["batch_ramp"] = {"start_size": batch.ramp.start_size, "increment": batch.ramp.increment,
-                               "ramp_samples": batch.ramp.ramp_samples, "sizes": len(batch.sizes()),
-                               "steps": steps, "samples": samples}
-    return facts
-
-
-def model_facts(cfg, world_size: int) -> dict:
-    """Parameter counts, FLOPs, the layers and pieces of every model stage with
-    the pipeline ranks holding it, and the memory estimate of every pipeline rank
-    (``dtype``: what ``train.dtype`` is taken as, ``auto`` as on GPUs unless
-    ``parallel.backend=gloo``)."""
-    m, p = cfg.model, cfg.parallel
-    counts = param_counts(m)
-    num_stages = num_model_stages(p.schedule, p.pp)
-    layout = None if p.pipeline_layout is None else list(p.pipeline_layout)
-    layers = stage_layers(m.num_layers, num_stages, layout)
-    roles = stage_roles(num_stages, has_mtp=m.mtp_depth > 0)
-    held = [stages_of_rank(p.schedule, p.pp, r) for r in range(p.pp)]
-    stages = [
-        {"stage": i, "layers": layers[i], **roles[i], "pp_ranks": [r for r in range(p.pp) if i in held[r]]}
-        for i in range(num_stages)
-    ]
-    memory = []
-    num_microbatches = batch_schedule(cfg.train, p, world_size // (p.tp * p.pp)).num_microbatches
-    for r in range(p.pp):
-        peak = peak_inflight_microbatches(p.schedule, p.pp, num_microbatches, r)
-        estimate = memory_estimate(cfg, [stages[i] for i in held[r]], peak, world_size)
-        memory.append({"pp_rank": r, "peak_inflight_microbatches": peak, **estimate})
-    return {
-        "model": m.name,
-        "params_total": counts["total"],
-        "params_activated": counts["activated"],
-        "params_mtp": counts["mtp"],
-        "params_breakdown": counts["breakdown"],
-        "flops_per_token": flops_per_token(m, cfg.data.seq_len),
-        "seq_len": cfg.data.seq_len,
-        "dtype": resolve_dtype(cfg.train.dtype, p.backend),
-        "stages": stages,
-        "memory": memory,
-    }
-
 
 def _fmt_ranks(ranks: list[int], limit: int = 16) -> str:
     if len(ranks) <= limit:
@@ -186,3 +93,76 @@ def _format_model(plan: dict) -> list[str]:
             f"= {_bytes(r['total'])}"
         )
     return lines
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def format_prediction(pred: dict, efficiency) -> list[str]:
+    """The predicted step (:func:`mtrain.planner.predict.predict`) as text."""
+    lay, parts = pred["layout"], pred["busiest_rank"]
+    source = "measured op costs (plan.calibrate)" if pred["calibrated"] else (
+        f"roofline estimates at efficiency gemm {efficiency.gemm}, fp8 {efficiency.fp8_gemm}, attention "
+        f"{efficiency.attention}, memory {efficiency.memory}, network {efficiency.network}")
+    lines = [
+        f"predicted step on {pred['world_size']} x {pred['hardware']} ({pred['nodes']} nodes; {source}):",
+        f"  step {pred['step_s']:.3g} s = pipeline {pred['pipeline_s']:.3g} s (bubble {_pct(pred['bubble_ratio'])}, "
+        f"{lay['num_microbatches']} micro-batches) + gradient sync {pred['grad_sync_s']:.3g} s + optimizer "
+        f"{pred['optimizer_s']:.3g} s",
+        f"  {pred['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {pred['tflops_per_gpu']:.0f} TFLOP/s per GPU, "
+        f"MFU {_pct(pred['mfu'])}; {pred['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per trillion tokens",
+        f"  busiest pp rank {parts['rank']}: compute {parts['compute']:.3g} s, exposed all-to-all "
+        f"{parts['exchange']:.3g} s, idle {parts['idle']:.3g} s; bound by {pred['bound']}",
+    ]
+    t = pred["traffic"]
+    if t:
+        lines.append(
+            f"  all-to-all per token: {t['remote_nodes_per_token']:.2f} other nodes (EP over {t['nodes_spanned']}, "
+            f"at most {t['node_limit']} per token), {t['remote_gpus_per_token']:.2f} other GPUs; "
+            f"{t['ib_sends_per_token']:.2f} InfiniBand + {t['nvlink_sends_per_token']:.2f} NVLink sends of "
+            f"{t['dispatch_bytes_per_send']:,.0f} B (dispatch) / {t['combine_bytes_per_send']:,.0f} B (combine)")
+    lines.append("  op costs per micro-batch (ms): stage F (all-to-all) | B (all-to-all) | W")
+    for i, c in enumerate(pred["stage_costs"]):
+        lines.append(f"    stage {i}: {1e3 * c['F']:.3g} ({1e3 * c['F_comm']:.3g}) | {1e3 * c['B']:.3g} "
+                     f"({1e3 * c['B_comm']:.3g}) | {1e3 * c['W']:.3g}")
+    worst = max(pred["memory"], key=lambda r: r["bytes"])
+    lines.append(f"  memory: largest pp rank {worst['pp_rank']} needs {_bytes(worst['bytes'])} of "
+                 f"{_bytes(pred['hbm_bytes'])} usable: " + ("fits" if pred["fits"] else
+                 "does NOT fit (try model.recompute, more pp or ep, or mtrain-plan --search)"))
+    return lines
+
+
+def format_search(result: dict, top: int) -> str:
+    """A table of the best layouts, then what bounds each of the first few."""
+    ranked = result["ranked"]
+    head = (f"{result['considered']} layouts on {result['world_size']} x {result['hardware']}: "
+            f"{result['refused']} refused by the config checks, {result['too_big']} do not fit in memory, "
+            f"{len(ranked)} ranked by predicted tokens/s per GPU")
+    if not ranked:
+        return head + "\nno layout fits: try more nodes, model.recompute=full, or a smaller micro_batch_size"
+    headers = ["#", "tp", "pp", "ep", "dp", "schedule", "micro-batches", "recompute", "fp8", "tokens/s/GPU", "MFU",
+               "GPU-h per 1T tokens", "step s", "bubble", "peak memory", "bound"]
+    rows = []
+    for i, r in enumerate(ranked[:top], 1):
+        lay = r["layout"]
+        rows.append([str(i), str(lay["tp"]), str(lay["pp"]), str(lay["ep"]), str(lay["dp"]), lay["schedule"],
+                     str(lay["num_microbatches"]), lay["recompute"], lay["fp8"], f"{r['tokens_per_s_per_gpu']:,.0f}",
+                     _pct(r["mfu"]), f"{r['gpu_hours_per_trillion_tokens']:,.0f}", f"{r['step_s']:.3g}",
+                     _pct(r["bubble_ratio"]), _bytes(max(m["bytes"] for m in r["memory"])), r["bound"]])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    lines = [head, fmt(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
+    for i, r in enumerate(ranked[:min(top, 3)], 1):
+        p, step = r["busiest_rank"], r["step_s"]
+        lines.append(f"{i}. bound by {r['bound']}: busiest pp rank {p['rank']} spends {_pct(p['compute'] / step)} "
+                     f"computing, {_pct(p['exchange'] / step)} on exposed all-to-all, {_pct(p['idle'] / step)} idle, "
+                     f"{_pct(p['grad_sync'] / step)} on gradient sync and optimizer; memory "
+                     f"{_bytes(max(m['bytes'] for m in r['memory']))} of {_bytes(r['hbm_bytes'])}")
+    return "\n".join(lines)
+
+
+def format_calibration(result: dict) -> str:
+    return (f"calibration: {result['schedule']} pp={result['pp']} {result['num_microbatches']} micro-batches: "
+            f"measured pipeline {1e3 * result['measured_s']:.1f} ms, simulated with its measured op costs "
+            f"{1e3 * result['predicted_s']:.1f} ms (ratio {result['ratio']:.3f})")

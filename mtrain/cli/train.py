@@ -5,7 +5,8 @@ Locally, one process per rank under torchrun::
     torchrun --standalone --nproc-per-node 4 -m mtrain.cli.train parallel.schedule=dualpipe
 
 On Slurm, one task per rank under srun (the rank and master come from Slurm's
-variables). Everything of a run goes under ``run_dir``.
+variables). Everything of a run goes under ``run_dir``; in a multirun (``-m``)
+under ``<run_dir>/<job number>``, Hydra's folder of the job.
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ def _app(cfg: DictConfig) -> int:
 
 
 def _train(cfg: DictConfig) -> int:
+    from mtrain.config.loading import job_run_dir
     from mtrain.launch.requeue import requeue_if_warned
     from mtrain.train.trainer import Trainer
 
-    trainer = Trainer(cfg, cfg.run_dir)
+    trainer = Trainer(cfg, job_run_dir(cfg))  # a sweep's job: its own folder
     code = trainer.run()
     if trainer.stopped_early:  # every rank: requeue after Slurm's time-limit warning
         requeue_if_warned(trainer.stop_signal)

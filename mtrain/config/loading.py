@@ -6,9 +6,11 @@ import sys
 from typing import Callable, Iterable
 
 from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, OverrideType
 from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mtrain.config.schema import register_configs
@@ -69,6 +71,17 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     register_configs()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+def job_run_dir(cfg: DictConfig) -> str:
+    """The folder this Hydra job runs in. In a multirun that is Hydra's folder
+    of the job (``hydra.sweep.dir``/``hydra.sweep.subdir``; by default
+    ``<run_dir>/<job number>``), so the jobs of a sweep never share
+    checkpoints; ``cfg.run_dir`` is set to it. Otherwise ``run_dir``, which
+    is also Hydra's ``hydra.run.dir``."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    return cfg.run_dir
 
 
 def run_app(app: Callable[[], None]) -> None:

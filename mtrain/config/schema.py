@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -60,6 +60,7 @@ WandbMode = _choice("WandbMode", "offline", "online", "disabled")
 Output = _choice("Output", "text", "json")
 OnSaveError = _choice("OnSaveError", "stop", "continue")  # a checkpoint save that failed on storage
 Fp8 = _choice("Fp8", "none", "blockwise")  # FP8 GEMMs (docs/fp8.md)
+Fp8Backend = _choice("Fp8Backend", "reference", "scaled_mm")  # what runs them (docs/fp8.md)
 
 
 def resolve_dtype(dtype: str, backend: str) -> str:
@@ -164,6 +165,34 @@ class ParallelConfig:
 
 
 @dataclass
+class GPUProfile:
+    """One GPU of the cluster, for mtrain-plan's cost model (docs/planning.md).
+    Peaks are dense (no sparsity); bandwidths in GB/s per GPU and direction,
+    as the vendor states them (``efficiency`` says how much of each is reached)."""
+
+    name: Optional[str] = None
+    bf16_tflops: Optional[float] = None
+    fp8_tflops: Optional[float] = None
+    hbm_gib: Optional[float] = None  # memory per GPU
+    hbm_gbps: Optional[float] = None  # memory bandwidth
+    nvlink_gbps: Optional[float] = None  # to the GPUs of its node
+    ib_gbps: Optional[float] = None  # to other nodes (its NIC)
+    sms: Optional[int] = None  # streaming multiprocessors (the exchange takes parallel.deepep_num_sms)
+
+
+@dataclass
+class EfficiencyConfig:
+    """Fractions of a GPU profile's peaks that real kernels reach (the cost
+    model's assumptions, docs/planning.md; a calibration replaces them)."""
+
+    gemm: float = 0.7  # large bf16 GEMMs
+    fp8_gemm: float = 0.6  # blockwise-scaled FP8 GEMMs (scales applied every 128 of K)
+    attention: float = 0.5  # fused attention, forward and backward
+    memory: float = 0.8  # memory-bound ops (norms, activations, optimizer) of HBM bandwidth
+    network: float = 0.8  # NVLink and InfiniBand in the all-to-all, p2p and data-parallel collectives
+
+
+@dataclass
 class ClusterConfig:
     # Used to plan without processes; a launched job takes its world size
     # from the launcher instead.
@@ -172,6 +201,8 @@ class ClusterConfig:
     # Peak dense TFLOP/s of one device in the dtype trained in, for MFU
     # (null: looked up by the CUDA device's name, see mtrain/train/metrics.py).
     peak_tflops: Optional[float] = None
+    gpu: GPUProfile = field(default_factory=GPUProfile)
+    efficiency: EfficiencyConfig = field(default_factory=EfficiencyConfig)
 
 
 @dataclass
@@ -199,9 +230,12 @@ class TrainConfig:
     # bf16: bf16 compute with fp32 master weights; auto: bf16 on nccl, fp32 on gloo.
     dtype: Dtype = Dtype.auto
     # blockwise: DeepSeek-V3's FP8 recipe (E4M3, 1x128 activation tiles, 128x128
-    # weight blocks; docs/fp8.md) for the dense linears' GEMMs, through the CPU
-    # reference mtrain/model/fp8.py; the routed experts stay in high precision.
+    # weight blocks; docs/fp8.md) for the GEMMs of the linears and routed experts,
+    # with FP8 dispatch payloads.
     fp8: Fp8 = Fp8.none
+    # reference: the plain-torch FP8 GEMMs (any device); scaled_mm: torch's blockwise-scaled
+    # FP8 matmul on an sm_90 GPU (mtrain/model/fp8_scaled_mm.py).
+    fp8_backend: Fp8Backend = Fp8Backend.reference
     lr: float = 3e-3
     min_lr: float = 3e-4
     lr_schedule: LrSchedule = LrSchedule.cosine
@@ -216,7 +250,16 @@ class TrainConfig:
     # Stop with a checkpoint once the step count is a multiple of this (null: never).
     exit_interval: Optional[int] = None
     max_bad_steps: int = 3  # consecutive NaN/Inf steps before aborting
-    collective_timeout_s: float = 300.0
+    # Seconds a collective waits for the other ranks before failing. null: sized
+    # to the step (mtrain/parallel/groups.py): collective_timeout_startup_s while
+    # the run starts, loads its checkpoint and runs its first 3 steps, then
+    # max(collective_timeout_floor_s, 10x the slowest of the last 20 steps,
+    # the watchdog's budget + 15 s, so the watchdog names a stopped rank first),
+    # and the start-up timeout again around checkpoints, evaluations and the end
+    # of the run. A number fixes it for everything.
+    collective_timeout_s: Optional[float] = None
+    collective_timeout_floor_s: float = 60.0
+    collective_timeout_startup_s: float = 1800.0
     # A step running longer is reported on every rank, naming the ranks that did
     # not arrive, with stacks (mtrain/train/watchdog.py). null: 10x the median
     # step, at least 60 s, from the 4th step; 0: off.
@@ -291,6 +334,24 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    """mtrain-plan's prediction and layout search (docs/planning.md)."""
+
+    search: bool = False  # rank layouts by predicted throughput (also: mtrain-plan --search)
+    top: int = 5  # layouts shown by a search
+    # The search space; null: every value that can fit the model and cluster.
+    tp: Optional[List[int]] = None
+    pp: Optional[List[int]] = None
+    ep: Optional[List[int]] = None
+    schedules: Optional[List[str]] = None
+    recompute: Optional[List[str]] = None
+    fp8: Optional[List[str]] = None
+    # A step trace (logging.trace_step) whose measured op costs replace the estimates.
+    calibrate: Optional[str] = None
+    png: Optional[str] = None  # draw the predicted step's timeline here
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -302,6 +363,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
     output: Output = Output.text  # mtrain-plan
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def register_configs() -> None:

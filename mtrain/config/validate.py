@@ -134,36 +134,58 @@ def _model_errors(m, tp: int, ep: int) -> list[str]:
 FP8_TILE = 128  # mtrain.model.fp8.BLOCK: 1x128 activation tiles, 128x128 weight blocks
 
 
-def fp8_width_errors(m, tp: int) -> list[str]:
+def fp8_width_errors(m, tp: int, expert_tp: int = 1) -> list[str]:
     """train.fp8=blockwise: every width an FP8 GEMM reduces over (a wired
-    linear's input features, on one TP rank) must be a multiple of 128.
+    linear's input features, on one TP rank) must be a multiple of 128. With
+    tp > 1 so must a column-parallel shard's rows (q_b or q_proj, kv_b; the
+    gate/up rows equal down's input), so TP ranks quantize the single-rank
+    model's blocks and tiles.
 
     The wired linears (docs/fp8.md): q_a, kv_a and q_proj (hidden_size), q_b
     (q_lora_rank), kv_b (kv_lora_rank), o_proj (num_heads x v_head_dim / tp),
     the dense MLP's down (ffn_hidden_size / tp) and gate/up (hidden_size), the
     shared experts' (num_shared_experts x moe_ffn_hidden_size / tp, and
-    hidden_size), MTP's proj (2 x hidden_size: covered by hidden_size). The
-    routed experts stay in high precision, so moe_ffn_hidden_size alone is free.
-    Output widths may be ragged (an edge block, as in DeepSeek-V3's 576-row
-    kv_a_proj_with_mqa); token counts are padded.
+    hidden_size), MTP's proj (2 x hidden_size: covered by hidden_size), the
+    routed experts' gate/up (hidden_size) and down (moe_ffn_hidden_size /
+    expert_tp, one expert-TP rank's slice of an expert). Output widths may be
+    ragged (an edge block, as in DeepSeek-V3's 576-row kv_a_proj_with_mqa);
+    token counts are padded.
     """
     heads = m.num_heads
+    or_tp = " or parallel.tp" if tp > 1 else ""
     widths = [  # (what, width on one rank, which field to change)
         ("model.hidden_size", m.hidden_size, "model.hidden_size"),
         ("model.kv_lora_rank", m.kv_lora_rank, "model.kv_lora_rank"),
         (f"model.num_heads x model.v_head_dim / parallel.tp (the output projection's input: "
-         f"{heads} x {m.v_head_dim} / {tp})", heads * m.v_head_dim // tp, "model.v_head_dim or model.num_heads"),
+         f"{heads} x {m.v_head_dim} / {tp})", heads * m.v_head_dim // tp,
+         "model.v_head_dim, model.num_heads or parallel.tp" if tp > 1 else "model.v_head_dim or model.num_heads"),
     ]
+    if tp > 1:
+        # A column-parallel shard's rows: aligned, the shard's weight blocks and its
+        # Dgrad's dy tiles are the single-rank model's (docs/fp8.md, "Tensor parallelism").
+        qk, kv = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_nope_head_dim + m.v_head_dim
+        widths += [
+            (f"model.num_heads x (model.qk_nope_head_dim + model.qk_rope_head_dim) / parallel.tp (the query "
+             f"up-projection's rows on one rank: {heads} x {qk} / {tp})", heads * qk // tp,
+             "model.qk_nope_head_dim, model.qk_rope_head_dim, model.num_heads or parallel.tp"),
+            (f"model.num_heads x (model.qk_nope_head_dim + model.v_head_dim) / parallel.tp (kv_b's rows on one "
+             f"rank: {heads} x {kv} / {tp})", heads * kv // tp,
+             "model.qk_nope_head_dim, model.v_head_dim, model.num_heads or parallel.tp"),
+        ]
     if m.q_lora_rank:
         widths.append(("model.q_lora_rank", m.q_lora_rank, "model.q_lora_rank"))
     if m.first_k_dense:
         widths.append((f"model.ffn_hidden_size / parallel.tp ({m.ffn_hidden_size} / {tp})",
-                       m.ffn_hidden_size // tp, "model.ffn_hidden_size"))
+                       m.ffn_hidden_size // tp, f"model.ffn_hidden_size{or_tp}"))
     if m.first_k_dense < m.num_layers + m.mtp_depth:  # some MoE layer (MTP's layers come after the main ones)
         if m.num_shared_experts:
             widths.append((f"model.num_shared_experts x model.moe_ffn_hidden_size / parallel.tp "
                            f"({m.num_shared_experts} x {m.moe_ffn_hidden_size} / {tp})",
-                           m.num_shared_experts * m.moe_ffn_hidden_size // tp, "model.moe_ffn_hidden_size"))
+                           m.num_shared_experts * m.moe_ffn_hidden_size // tp,
+                           f"model.moe_ffn_hidden_size{or_tp}"))
+        widths.append((f"model.moe_ffn_hidden_size / parallel.expert_tp (a routed expert's down projection "
+                       f"input: {m.moe_ffn_hidden_size} / {expert_tp})", m.moe_ffn_hidden_size // expert_tp,
+                       "model.moe_ffn_hidden_size or parallel.expert_tp"))
     return [f"train.fp8=blockwise: {what}={w} is not a multiple of {FP8_TILE} (FP8 GEMMs reduce in "
             f"{FP8_TILE}-wide tiles): set {fix} so it is, or train.fp8=none"
             for what, w, fix in widths if w % FP8_TILE]
@@ -192,10 +214,7 @@ def field_errors(cfg, world_size: int | None = None) -> list[str]:
                       f"{p.dispatcher}'s: use parallel.dispatcher=alltoall or dispatch_hops=null")
     errors += _model_errors(m, max(p.tp, 1), max(p.ep, 1))
     if t.fp8 == "blockwise":
-        errors += fp8_width_errors(m, max(p.tp, 1))
-        if p.tp > 1:  # its gradients against tp=1 are not yet explained (docs/fp8.md)
-            errors.append(f"train.fp8=blockwise is verified at parallel.tp=1 only (got tp={p.tp}): use tp=1 "
-                          f"(expert, data and pipeline parallelism are fine) or train.fp8=none")
+        errors += fp8_width_errors(m, max(p.tp, 1), max(p.expert_tp, 1))
     if t.steps < 1 or t.micro_batch_size < 1:
         errors.append(f"train.steps={t.steps} and train.micro_batch_size={t.micro_batch_size} must be at least 1")
     if cfg.data.seq_len < 2:

@@ -5,8 +5,8 @@ written with torch's ``float8_e4m3fn`` dtype so it runs (slowly) on CPU and is
 the reference a GPU backend is compared with (docs/fp8.md).
 
 - Every FP8 tensor is E4M3 (max 448). A tile's fp32 scale is its max-abs / 448
-  (1 for an all-zero tile); the stored value is ``x / scale`` rounded to E4M3,
-  and ``fp8 * scale`` gives it back.
+  (1 for an all-zero tile, at least fp32's smallest normal number); the stored
+  value is ``x / scale`` rounded to E4M3, and ``fp8 * scale`` gives it back.
 - Activations and activation gradients: one scale per 1x128 tile (per row,
   per 128 elements along the GEMM's reduction dimension): :func:`quantize_tiles`.
 - Weights: one scale per 128x128 block: :func:`quantize_blocks`. A block
@@ -57,10 +57,17 @@ def _check_multiple(name: str, shape, dims: tuple[int, ...], block: int) -> None
             f"multiples of {block}, the FP8 tile width: pad the tensor or choose widths that are multiples of {block}")
 
 
+# The smallest scale: fp32's smallest normal number. A tile whose max-abs is
+# below 448 x that (subnormal gradients occur) would get a zero scale, and
+# 0 / 0 = NaN, or a subnormal one; it gets this scale and its values round to 0.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
 def _scale(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 scales from max-abs values: amax / 448, and 1 for an all-zero tile."""
+    """fp32 scales from max-abs values: amax / 448 (at least :data:`MIN_SCALE`),
+    and 1 for an all-zero tile."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, (amax / FP8_MAX).clamp_min(MIN_SCALE), torch.ones_like(amax))
 
 
 def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -104,6 +111,29 @@ def dequantize_blocks(data: torch.Tensor, scales: torch.Tensor, block: int = BLO
     return data.float() * scales.repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
+_GPU_GEMM = None  # fp8_matmul on CUDA tensors (train.fp8_backend); None: the reference below everywhere
+BACKENDS = ("reference", "scaled_mm")
+
+
+def use_fp8_backend(name: str, device: torch.device) -> None:
+    """Run :func:`fp8_matmul` on ``device`` through ``name``: ``reference`` (the
+    fp32 loop below, everywhere) or ``scaled_mm`` (torch's blockwise-scaled
+    FP8 GEMM on sm_90, :mod:`mtrain.model.fp8_scaled_mm`). ValueError naming
+    ``train.fp8_backend`` when it cannot run there."""
+    global _GPU_GEMM
+    if name not in BACKENDS:
+        raise ValueError(f"train.fp8_backend={name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "reference":
+        _GPU_GEMM = None
+        return
+    from mtrain.model import fp8_scaled_mm
+
+    reason = fp8_scaled_mm.unavailable_reason(torch.device(device))
+    if reason is not None:
+        raise ValueError(f"train.fp8_backend=scaled_mm cannot run: {reason}; use train.fp8_backend=reference")
+    _GPU_GEMM = fp8_scaled_mm.scaled_mm_matmul
+
+
 def _row_scales(scales: torch.Tensor, rows: int, block: int, name: str) -> torch.Tensor:
     """Per-row scales ``[rows, K / block]`` from 1x128 tile scales (as they are)
     or 128x128 block scales (each block row repeated)."""
@@ -131,6 +161,8 @@ def fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scale
         raise ValueError(f"fp8_matmul computes a @ b^T with a [M, K] and b [N, K]: got {list(a.shape)} and "
                          f"{list(b.shape)}")
     _check_multiple("fp8_matmul operand a", a.shape, (1,), block)
+    if _GPU_GEMM is not None and a.is_cuda:
+        return _GPU_GEMM(a, a_scales, b, b_scales, out_dtype, block)
     kb = a.shape[1] // block
     sa = _row_scales(a_scales, a.shape[0], block, "a")
     sb = _row_scales(b_scales, b.shape[0], block, "b")
@@ -222,3 +254,95 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """``x @ weight.T + bias`` through the FP8 reference GEMMs; its weight
     gradient can be deferred like :func:`mtrain.runtime.wgrad.linear`'s."""
     return FP8Linear.apply(x, weight, bias)
+
+
+# -- Routed experts: one FP8 linear per expert over rows grouped by expert ------------------------
+
+def quantize_expert_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert weights ``[E, N, K]``: each expert's matrix in ``block x block``
+    blocks, its N zero-padded to a multiple of ``block`` (as :func:`fp8_linear`
+    pads one weight). Returns (fp8 ``[E, Np, K]``, fp32 scales ``[E, Np / block, K / block]``),
+    element for element what :func:`quantize_blocks` gives each padded expert."""
+    if weight.dim() != 3:
+        raise ValueError(f"expert weights of shape {list(weight.shape)}: expected [experts, out_features, "
+                         f"in_features]")
+    _check_multiple("expert weight", weight.shape, (2,), block)
+    e, n, k = weight.shape
+    w = F.pad(weight.detach(), (0, 0, 0, -n % block))
+    np_ = w.shape[1]
+    blocks = w.float().reshape(e, np_ // block, block, k // block, block)
+    scales = _scale(blocks.abs().amax(dim=(2, 4)))
+    return _to_fp8(blocks, scales[:, :, None, :, None]).reshape(e, np_, k), scales
+
+
+def _expert_slices(counts: list[int]):
+    """(expert, its rows) for every expert with rows; empty experts are skipped."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+        start += c
+
+
+class FP8GroupedLinear(torch.autograd.Function):
+    """Rows ``x`` ``[R, K]`` grouped by expert (``counts[e]`` rows each) times
+    ``weight[e]^T`` (``[E, N, K]``): per expert, the Fprop, Dgrad and Wgrad of
+    :func:`fp8_linear` on that expert's rows, so an expert's ragged row count
+    is padded along T for its own Wgrad and an empty expert gets a zero weight
+    gradient. ``x_data``/``x_scales``: ``x``'s 1x128 tiles when the caller
+    already holds them (an FP8 dispatch payload); Fprop then uses them as they
+    are, and Wgrad quantizes ``x`` (their dequantized values) along T."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts, x_data, x_scales):
+        if weight.dim() != 3 or weight.shape[2] != x.shape[1] or x.dim() != 2:
+            raise ValueError(f"fp8_grouped_linear: expert weights of shape {list(weight.shape)} do not take rows "
+                             f"of shape {list(x.shape)}")
+        if len(counts) != weight.shape[0] or sum(counts) != x.shape[0]:
+            raise ValueError(f"fp8_grouped_linear: counts {counts} do not split {x.shape[0]} rows over "
+                             f"{weight.shape[0]} experts")
+        _check_multiple("fp8_grouped_linear input", x.shape, (1,), BLOCK)
+        n = weight.shape[1]
+        qw, sw = quantize_expert_blocks(weight)
+        if x_data is None:
+            x_data, x_scales = quantize_tiles(x)
+        y = x.new_zeros(x.shape[0], n)
+        for e, rows in _expert_slices(counts):
+            y[rows] = fp8_matmul(x_data[rows], x_scales[rows], qw[e], sw[e])[:, :n].to(x.dtype)
+        ctx.save_for_backward(x, qw, sw)
+        ctx.param = weight  # deferred gradients must land on the real parameter (see wgrad._Linear)
+        ctx.step = current_step()
+        ctx.counts, ctx.weight_dtype = counts, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, qw, sw = ctx.saved_tensors
+        counts, n, k = ctx.counts, grad_out.shape[1], x.shape[1]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = x.new_zeros(x.shape)
+            for e, rows in _expert_slices(counts):
+                grad_x[rows] = dgrad(grad_out[rows], qw[e], sw[e]).to(x.dtype)
+        if not ctx.needs_input_grad[1]:
+            return grad_x, None, None, None, None
+
+        def weight_grad():
+            out = torch.zeros(len(counts), n, k, dtype=torch.float32, device=x.device)
+            for e, rows in _expert_slices(counts):
+                out[e] = wgrad(grad_out[rows], x[rows])
+            return out
+
+        if defer_weight_grad(ctx.step, ctx.param, weight_grad):
+            return grad_x, None, None, None, None
+        return grad_x, weight_grad().to(ctx.weight_dtype), None, None, None
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int],
+                       x_tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """The routed experts' grouped GEMM through the FP8 reference: equal, expert
+    by expert, to ``fp8_linear(x[rows of e], weight[e])``. ``x_tiles``: ``x``'s
+    (fp8 data, fp32 1x128 scales) if already quantized. Its weight gradient can
+    be deferred like :func:`fp8_linear`'s."""
+    data, scales = x_tiles if x_tiles is not None else (None, None)
+    return FP8GroupedLinear.apply(x, weight, [int(c) for c in counts], data, scales)

@@ -20,5 +20,6 @@ class ModelGroups:
     # node, and those of its index inside the node (one per node). None: one level.
     ep_hops: Optional[tuple] = None
     # train.fp8=blockwise: the dense linears (attention projections, dense and
-    # shared-expert MLPs, MTP proj) run the FP8 reference GEMMs (docs/fp8.md).
+    # shared-expert MLPs, MTP proj) and the routed experts run the FP8 reference
+    # GEMMs, and the dispatch carries FP8 tiles (docs/fp8.md).
     fp8: bool = False

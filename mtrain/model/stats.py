@@ -109,7 +109,7 @@ def param_counts(m) -> dict:
     }
 
 
-def _attention_core_flops(m, seq_len: int) -> float:
+def attention_core_flops(m, seq_len: int) -> float:
     """Forward FLOPs per token of the score and value products of one layer.
 
     A query scores each visible key with a qk_head-long dot product (2·qk_head
@@ -135,11 +135,11 @@ def flops_per_token(m, seq_len: int) -> float:
     """
     norms = 2 * m.num_layers * m.hidden_size + m.hidden_size
     matmul = param_counts(m)["activated"] - norms
-    attention = m.num_layers * _attention_core_flops(m, seq_len)
+    attention = m.num_layers * attention_core_flops(m, seq_len)
     if m.mtp_depth > 0:
         module = _activated(mtp_module_pieces(m), m) - 5 * m.hidden_size  # its 5 norms
         matmul += m.mtp_depth * (module + m.hidden_size * m.vocab_size)
-        attention += m.mtp_depth * _attention_core_flops(m, seq_len)
+        attention += m.mtp_depth * attention_core_flops(m, seq_len)
     return 3.0 * (2.0 * matmul + attention)
 
 
@@ -243,6 +243,9 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     softmax of the head and of every MTP depth and one logits gradient on a
     rank with the head (vocab split over tp) and one block's working set under
     full recompute.
+
+    Under ``train.fp8=blockwise`` every activation is still kept in the model
+    dtype (the FP8 expert GEMMs keep their dequantized input rows).
 
     ``train.dtype=auto`` is taken as the dtype it resolves to on the planned
     cluster: bf16 (GPUs), unless ``parallel.backend=gloo`` (fp32).

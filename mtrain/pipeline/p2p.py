@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mtrain.parallel.groups import p2p_timeout
 from mtrain.pipeline.channels import Channel, MessageKey
 
 _KINDS = {"F": 0, "B": 1}
@@ -69,8 +70,12 @@ class _Works:
 
     def wait(self) -> None:
         works, self.works = self.works, []
+        # On gloo a receive's wait blocks the host anyway: give it the collectives'
+        # timeout now (it would keep its group's first one). On NCCL a timeout
+        # would turn the stream wait into a host sync, so none.
+        timeout = p2p_timeout() if works and dist.get_backend() == "gloo" else None
         for w in works:
-            w.wait()
+            w.wait(timeout) if timeout is not None else w.wait()
 
     def completed(self) -> bool:
         return all(w.is_completed() for w in self.works)

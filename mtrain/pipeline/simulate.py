@@ -17,6 +17,12 @@ DualPipeV the unit is a stage of a 2*pp-stage model, i.e. half the size.
 
 Bubble: ``idle = makespan - busy`` per rank; the bubble ratio is the total
 idle over ``pp * makespan``.
+
+Per-stage costs (``stage_costs``, one mapping per model stage, as the planner
+estimates them): an op costs its own stage's ``F``/``B``/``I``/``W``, and an
+overlapped pair costs :func:`pair_cost` of its two stages: each side's
+exchange time (``F_comm``/``B_comm``, part of ``F`` and ``B``/``I``) hides
+behind the other side's compute up to that compute's length.
 """
 from __future__ import annotations
 
@@ -49,10 +55,45 @@ def normalize_costs(costs: Mapping[str, float] | None) -> dict[str, float]:
     return out
 
 
-def op_cost(ins: Instruction, costs: Mapping[str, float]) -> float:
+def pair_cost(forward: Mapping[str, float], backward: Mapping[str, float], backward_kind: str = "B") -> float:
+    """An overlapped F&B pair: both sides' compute back to back, plus whatever
+    of each side's exchange outlasts the other side's compute."""
+    f_comm, b_comm = forward.get("F_comm", 0.0), backward.get("B_comm", 0.0)
+    f_compute = forward["F"] - f_comm
+    b_compute = backward[backward_kind] - b_comm
+    return f_compute + b_compute + max(0.0, f_comm - b_compute) + max(0.0, b_comm - f_compute)
+
+
+def op_cost(ins: Instruction, costs: Mapping[str, float],
+            stage_costs: Sequence[Mapping[str, float]] | None = None,
+            pair_costs: Mapping[tuple[int, int], float] | None = None) -> float:
+    """An instruction's duration; ``pair_costs`` (keyed by the forward and
+    backward stages, e.g. measured) take precedence over :func:`pair_cost`."""
+    if stage_costs is None:
+        return costs["FB"] if isinstance(ins, Overlap) else costs[ins.kind]
     if isinstance(ins, Overlap):
-        return costs["FB"]
-    return costs[ins.kind]
+        key = (ins.forward.stage, ins.backward.stage)
+        if pair_costs and key in pair_costs:
+            return pair_costs[key]
+        return pair_cost(stage_costs[ins.forward.stage], stage_costs[ins.backward.stage], ins.backward.kind)
+    return stage_costs[ins.stage][ins.kind]
+
+
+def normalize_stage_costs(stage_costs: Sequence[Mapping[str, float]], num_stages: int) -> list[dict[str, float]]:
+    """Check per-stage costs (F, B, W and optional F_comm, B_comm) and add I = B - W."""
+    if len(stage_costs) != num_stages:
+        raise ValueError(f"stage_costs has {len(stage_costs)} entries for a {num_stages}-stage schedule")
+    out = []
+    for i, c in enumerate(stage_costs):
+        missing = {"F", "B", "W"} - set(c)
+        if missing:
+            raise ValueError(f"stage_costs[{i}] lacks {sorted(missing)}")
+        d = {k: float(v) for k, v in c.items()}
+        if min(d.values()) < 0 or d["W"] > d["B"]:
+            raise ValueError(f"stage_costs[{i}]={d}: costs must be >= 0 and W <= B (B = I + W)")
+        d["I"] = d["B"] - d["W"]
+        out.append(d)
+    return out
 
 
 @dataclass
@@ -140,10 +181,15 @@ def _activation_peak(ops: Sequence[Instruction]) -> int:
 
 
 def simulate_ops(name: str, pp: int, num_microbatches: int, per_rank: Sequence[Sequence[Instruction]],
-                 costs: Mapping[str, float] | None = None, latency: float = 0.0) -> SimResult:
-    """Simulate given per-rank lists (see module doc). Raises ``ScheduleError``
+                 costs: Mapping[str, float] | None = None, latency: float = 0.0,
+                 stage_costs: Sequence[Mapping[str, float]] | None = None,
+                 pair_costs: Mapping[tuple[int, int], float] | None = None) -> SimResult:
+    """Simulate given per-rank lists (see module doc); ``stage_costs`` (and
+    ``pair_costs``), when given, replace ``costs``. Raises ``ScheduleError``
     if the lists deadlock."""
     c = normalize_costs(costs)
+    if stage_costs is not None:
+        stage_costs = normalize_stage_costs(stage_costs, num_model_stages(name, pp))
     if latency < 0:
         raise ValueError(f"latency={latency} must not be negative")
     finish: dict[tuple, tuple[float, int]] = {}  # done key -> (time, rank)
@@ -170,7 +216,7 @@ def simulate_ops(name: str, pp: int, num_microbatches: int, per_rank: Sequence[S
                         break
                 if not ready:
                     break
-                end = start + op_cost(ins, c)
+                end = start + op_cost(ins, c, stage_costs, pair_costs)
                 for op in ins.ops:
                     finish[done_key(op)] = (end, rank)
                 timelines[rank].append((ins, start, end))
@@ -197,6 +243,8 @@ def simulate_ops(name: str, pp: int, num_microbatches: int, per_rank: Sequence[S
 
 
 def simulate(name: str, pp: int, num_microbatches: int, costs: Mapping[str, float] | None = None,
-             latency: float = 0.0) -> SimResult:
+             latency: float = 0.0, stage_costs: Sequence[Mapping[str, float]] | None = None,
+             pair_costs: Mapping[tuple[int, int], float] | None = None) -> SimResult:
     """Build schedule ``name`` for every rank and simulate it."""
-    return simulate_ops(name, pp, num_microbatches, build_all_ranks(name, pp, num_microbatches), costs, latency)
+    return simulate_ops(name, pp, num_microbatches, build_all_ranks(name, pp, num_microbatches), costs, latency,
+                        stage_costs, pair_costs)

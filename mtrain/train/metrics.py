@@ -1,5 +1,6 @@
 """What one training step reports: throughput and MFU, expert load balance,
-peak memory, and the record that holds them (see docs/metrics.md).
+peak memory, which GEMMs run in FP8, and the record that holds them (see
+docs/metrics.md).
 """
 from __future__ import annotations
 
@@ -155,6 +156,10 @@ class StepMetrics:
     global_batch_size: Optional[int] = None  # sequences in this step (a batch-size ramp changes it)
     consumed_samples: Optional[int] = None  # global samples consumed after this step
     blend_samples: Optional[dict[str, int]] = None  # data.blend: samples drawn from each dataset so far
+    # The run's first record: GEMM sites per family of the built model that run FP8 /
+    # stay in high precision (:func:`gemm_precision_census`).
+    fp8_gemms: Optional[dict[str, int]] = None
+    high_precision_gemms: Optional[dict[str, int]] = None
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> "StepMetrics":
@@ -180,3 +185,83 @@ def _finite_or_none(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+# GEMM families of the model, by where a GEMM site sits (docs/fp8.md).
+FP8_CAPABLE_FAMILIES = ("attention_proj", "dense_mlp", "shared_experts", "routed_experts", "mtp_proj",
+                        "dispatch_payload")
+HIGH_PRECISION_FAMILIES = ("embedding", "output_head", "router", "attention_core")
+
+
+def _linear_family(parents: list) -> str:
+    """Family of a dense linear from the modules above it (nearest last)."""
+    from mtrain.model.attention import MLAttention
+    from mtrain.model.mlp import DenseMLP
+    from mtrain.model.model import MTPModule
+    from mtrain.model.moe.layer import MoELayer
+
+    kinds = [type(p) for p in parents]
+    if MLAttention in kinds:
+        return "attention_proj"
+    if DenseMLP in kinds:
+        return "shared_experts" if MoELayer in kinds else "dense_mlp"
+    if kinds and kinds[-1] is MTPModule:
+        return "mtp_proj"
+    return "other_linear"
+
+
+def gemm_precision_census(modules) -> dict[str, dict[str, int]]:
+    """Which GEMM sites of the built ``modules`` (a model chunk or a list of
+    them) run FP8, read from the modules themselves: every dense linear by its
+    ``fp8`` flag, the routed experts (gate, up and down: three sites per MoE
+    layer) by theirs, the dispatch payload (one per MoE layer) by its
+    dispatcher's; embedding, output head, router and the attention core (one
+    site each per module) are high precision by design.
+
+    Returns ``{"fp8_gemms": {family: sites}, "high_precision_gemms": {family: sites}}``.
+    """
+    from mtrain.model.attention import MLAttention
+    from mtrain.model.moe.experts import GroupedExperts
+    from mtrain.model.moe.layer import MoELayer
+    from mtrain.model.moe.router import Router
+    from mtrain.model.tp import (ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear,
+                                 VocabParallelEmbedding)
+
+    linears = (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear)
+    out = {"fp8_gemms": {}, "high_precision_gemms": {}}
+
+    def add(family: str, fp8: bool, sites: int = 1) -> None:
+        side = out["fp8_gemms" if fp8 else "high_precision_gemms"]
+        side[family] = side.get(family, 0) + sites
+
+    def visit(module, parents: list) -> None:
+        if isinstance(module, linears):
+            add(_linear_family(parents), bool(module.fp8))
+        elif isinstance(module, GroupedExperts):
+            add("routed_experts", bool(module.fp8), 3)
+        elif isinstance(module, VocabParallelEmbedding):
+            add("embedding", False)
+        elif isinstance(module, ParallelLMHead):
+            add("output_head", False)
+        elif isinstance(module, Router):
+            add("router", False)
+        elif isinstance(module, MLAttention):
+            add("attention_core", False)
+        elif isinstance(module, MoELayer):
+            add("dispatch_payload", bool(getattr(module.dispatcher, "fp8", False)))
+        for child in module.children():
+            visit(child, parents + [module])
+
+    for m in (modules if isinstance(modules, (list, tuple)) else [modules]):
+        visit(m, [])
+    return out
+
+
+def merge_censuses(censuses) -> dict[str, dict[str, int]]:
+    """Sum of :func:`gemm_precision_census` results (e.g. of the pipeline stages)."""
+    out = {"fp8_gemms": {}, "high_precision_gemms": {}}
+    for census in censuses:
+        for side, families in census.items():
+            for family, sites in families.items():
+                out[side][family] = out[side].get(family, 0) + sites
+    return out

@@ -16,7 +16,7 @@ from mtrain.data.batching import batch_errors, batch_schedule
 from mtrain.data.blend import blend_errors
 from mtrain.data.split import PARTS, parse_split, split_errors
 from mtrain.model.moe.deepep import config_errors as deepep_config_errors
-from mtrain.parallel.groups import default_backend
+from mtrain.parallel.groups import default_backend, timeout_errors
 from mtrain.parallel.layout import LayoutError, layout_errors, parse_order
 from mtrain.pipeline.schedule_rules import microbatch_rule, num_model_stages, schedule_errors
 from mtrain.train.lr import lr_schedule_errors
@@ -106,6 +106,7 @@ def config_errors(cfg, world_size: int | None = None) -> list[str]:
         errors += _stage_errors(cfg.model, p)
     errors += field_errors(cfg, world)
     errors += lr_schedule_errors(cfg.train)
+    errors += timeout_errors(cfg.train)
     errors += blend_errors(cfg.data)
     errors += _split_errors(cfg.eval)
     errors += _dispatcher_errors(cfg, planned=world_size is None)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 
 from mtrain.config.schema import resolve_dtype
 from mtrain.config.validate import ConfigError
+from mtrain.model.fp8 import use_fp8_backend
 from mtrain.train.preflight import check_config
 from mtrain.data.batching import batch_schedule
 from mtrain.data.build import build_gpt_dataset
@@ -31,7 +33,7 @@ from mtrain.model.moe.layer import MoELayer
 from mtrain.pipeline.stages import build_chunks, unique_parameters
 from mtrain.model.stats import flops_per_token
 from mtrain.parallel.env import detect_env
-from mtrain.parallel.groups import collective_device, create_groups, init_distributed
+from mtrain.parallel.groups import CollectiveTimeout, collective_device, create_groups, init_distributed
 from mtrain.parallel.layout import build_layout
 from mtrain.pipeline.channels import create_p2p_channels
 from mtrain.pipeline.executor import PipelineExecutor
@@ -42,7 +44,7 @@ from mtrain.train import checkpoint as ckpt
 from mtrain.train import checkpoint_resume
 from mtrain.train.grads import attach_main_grads, global_grad_norm, main_grad, reduce_gradients
 from mtrain.train.lr import LRSchedule
-from mtrain.train.metrics import StepTimer, peak_memory_bytes, throughput
+from mtrain.train.metrics import StepTimer, gemm_precision_census, merge_censuses, peak_memory_bytes, throughput
 from mtrain.train.optimizer import ZeroAdamW
 from mtrain.train.init_from import load_initial_weights
 from mtrain.train.state import ModelState, Progress, RNGState
@@ -55,7 +57,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    """One log file per rank; rank 0 also logs to the console."""
+    """One log file per rank; rank 0 also logs to the console. The handlers of
+    an earlier run in this process (the jobs of a Hydra multirun run one after
+    another) give way to this run's; handlers someone else installed (a test)
+    are kept and used instead."""
+    for old in [h for h in log.handlers if getattr(h, "mtrain_run", False)]:
+        log.removeHandler(old)
+        old.close()
+    if log.handlers:
+        return
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s")
     handlers = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
@@ -63,6 +73,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         handlers.append(logging.StreamHandler())
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler.mtrain_run = True
         log.addHandler(handler)
     log.setLevel(logging.INFO)
 
@@ -81,16 +92,17 @@ class Trainer:
         self.stopped_early = False  # stopped on a signal or train.exit_interval, checkpoint written
         env = detect_env()
         check_config(cfg, env.world_size)
-        self.env = init_distributed(cfg.parallel.backend, cfg.train.collective_timeout_s, env)
+        # Every group starts with the generous timeout (or the fixed one); the steps size it later.
+        self.timeouts = CollectiveTimeout.from_config(cfg.train)
+        self.env = init_distributed(cfg.parallel.backend, self.timeouts.current_s, env)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         p = cfg.parallel
         self.layout = build_layout(self.world, p.tp, p.ep, p.expert_tp, p.pp, p.order, copy_groups(p.schedule, p.pp))
         with self.phase("creating process groups"):
-            self.groups = create_groups(self.layout, cfg.train.collective_timeout_s)
+            self.groups = create_groups(self.layout, self.timeouts.current_s)
         self.pp_rank = self.layout.pp_rank(self.rank)
         self.placement = placement(p.schedule, p.pp, self.pp_rank, mtp=cfg.model.mtp_depth > 0)
-        if not log.handlers:
-            setup_logging(self.run_dir, self.rank)
+        setup_logging(self.run_dir, self.rank)
         torch.manual_seed(cfg.train.seed + self.rank)
 
         self.device = collective_device()
@@ -98,6 +110,11 @@ class Trainer:
             # fp32 matmuls on tensor cores (TF32): fp32 runs' MFU peak is the TF32 one.
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.train.fp8 == "blockwise":
+            try:
+                use_fp8_backend(str(cfg.train.fp8_backend), self.device)
+            except ValueError as e:
+                raise ConfigError([str(e)]) from None
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.groups, keep_last=cfg.checkpoint.keep_last,
                                               async_save=cfg.checkpoint.async_save)
@@ -110,6 +127,7 @@ class Trainer:
                 for param in chunk.parameters():
                     param.data = param.data.to(torch.bfloat16)
         self.params = unique_parameters(self.chunks)
+        self.gemm_census = self._gemm_census()  # for the run's first record: which GEMMs run FP8
         # 16-bit parameters accumulate, reduce and update from fp32 main gradients.
         self._main_grad_hooks = attach_main_grads(self.params)
         # Names this rank speaks for in the gradient norm (second copies of a
@@ -117,10 +135,13 @@ class Trainer:
         self.counted = {name for key, chunk in self.chunks.items() for name, _ in chunk.named_parameters()
                         if self.placement.speaks_for(key, name)}
         channels = create_p2p_channels(self.layout.groups["pp"], p.schedule, p.pp,
-                                       datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+                                       datetime.timedelta(seconds=self.timeouts.current_s))
         # The global batch of each step (train.global_batch_size, its ramp) and one executor per micro-batch count.
         self.batch = batch_schedule(cfg.train, p, self.groups.size("dp"))
         self._channels, self._executors = channels, {}
+        # The checkpointer's own gloo group keeps its long timeout: all it carries
+        # is checkpoint work, an async save's even while the steps go on.
+        self.timeouts.groups = lambda: [*self.groups.process_groups(), *self._channels.values()]
         self.executor = self._executor_for(self.batch.num_microbatches)
         self.optimizer = ZeroAdamW(self.params, self.groups, cfg.train, zero=cfg.train.zero1)
         self.lr = LRSchedule(cfg.train)
@@ -131,6 +152,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.timer = StepTimer(self.device)
         self.step = 0
+        self.first_step = 0  # where this run started (a resume's step)
         self.bad_steps = 0
         self.reporter = None
         self.evaluator = self._build_evaluator()
@@ -217,7 +239,7 @@ class Trainer:
         ``checkpoint.on_save_error`` says whether training goes on (retrying
         at the next interval) or stops. A ``final`` save (the last step, a stop
         request) has no next interval: its failure always stops the run."""
-        with self.phase(f"saving checkpoint of step {self.step}"):
+        with self.timeouts.long_operation(), self.phase(f"saving checkpoint of step {self.step}"):
             try:
                 self.checkpointer.wait()  # an async save still in flight reports its failure here
             except ckpt.CheckpointSaveError as e:
@@ -248,7 +270,7 @@ class Trainer:
         if path is not None:
             progress = Progress()
             # The lr schedule warns when it changed; RNG states come back only at the same world size.
-            with self.phase(f"loading checkpoint {path}"):
+            with self.timeouts.long_operation(), self.phase(f"loading checkpoint {path}"):
                 self.checkpointer.load(path, *self.checkpoint_components(progress))
             self.step = progress.step
             if self.rank == 0:
@@ -378,7 +400,16 @@ class Trainer:
             **speed, "bubble_pct": bubble_pct, "grad_sync_mb": sync_bytes / 2**20,
             "peak_memory_gb": peak_memory_bytes() / 2**30, "step_time_s": elapsed, "skipped": not finite,
             **self._data_metrics(global_batch), "_loads": loads,
+            **(self.gemm_census if self.step == self.first_step + 1 else {}),
         }
+
+    def _gemm_census(self) -> dict:
+        """Which GEMM sites of the whole model run FP8, every stage counted once
+        (a DualPipe stage's second copy, direction 1, is left out)."""
+        own = [chunk for (stage, direction), chunk in self.chunks.items() if direction == 0]
+        stages = [None] * self.groups.size("pp")
+        dist.all_gather_object(stages, gemm_precision_census(own), group=self.groups.group("pp"))
+        return merge_censuses(stages)
 
     def _write_trace(self, trace) -> None:
         """All ranks' timelines of this step on rank 0: a Chrome trace of every
@@ -474,7 +505,7 @@ class Trainer:
         if progress is None and self.reporter is not None:
             progress, close = self.reporter.eval_progress(len(self.evaluator.batches))
         try:
-            with self.phase(f"evaluation after step {self.step}"):
+            with self.timeouts.long_operation(), self.phase(f"evaluation after step {self.step}"):
                 record = self.evaluator.run(self.step, progress)
         finally:
             if close is not None:
@@ -517,6 +548,7 @@ class Trainer:
                          "(raise train.steps to train further)", self.step, cfg.train.steps)
             return 0
         self._log_data_plan()
+        self.first_step = self.step  # the run's first record (after a resume too) carries the GEMM census
         watchdog = None if cfg.train.watchdog_s == 0 else Watchdog(
             self.rank, self.world, cfg.train.watchdog_s, heartbeat_store() if self.world > 1 else None)
         previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
@@ -526,11 +558,13 @@ class Trainer:
                                  heatmap_interval=cfg.logging.heatmap_interval)
         try:
             while self.step < cfg.train.steps:
+                # The watchdog and the timeout judge every collective of the step, up to the stop agreement.
+                started = time.monotonic()
                 if watchdog is not None:
                     watchdog.step_started(self.step + 1)
-                metrics = self.train_step()
-                if watchdog is not None:
-                    watchdog.step_finished()
+                tracing = self.step + 1 == cfg.logging.trace_step  # rank 0 draws it while the others wait
+                with self.timeouts.long_operation() if tracing else contextlib.nullcontext():
+                    metrics = self.train_step()
                 loads = metrics.pop("_loads")
                 gathered = [None] * self.world
                 dist.all_gather_object(gathered, {k: v.tolist() for k, v in loads.items()})
@@ -542,6 +576,11 @@ class Trainer:
                 last = self.step == cfg.train.steps
                 exit_now = bool(cfg.train.exit_interval) and self.step % cfg.train.exit_interval == 0
                 stop = self._stop_agreed()
+                if watchdog is not None:
+                    watchdog.step_finished()
+                self.timeouts.step_done(time.monotonic() - started, watchdog.budget() if watchdog else None)
+                if last or stop:
+                    self.timeouts.end_of_run()
                 if not stop:  # a stop request (preemption) checkpoints first
                     self.maybe_evaluate(last)
                 if stop or (exit_now and not last):
@@ -555,6 +594,7 @@ class Trainer:
             self.checkpointer.wait()
             return 0
         finally:
+            self.timeouts.end_of_run()
             if watchdog is not None:
                 watchdog.close()
             self.reporter.close()

@@ -77,9 +77,9 @@ class Submitter:
     """``mtrain-train -m hydra/launcher=slurm ...`` in the background, its
     output read line by line (it blocks until the job has finished)."""
 
-    def __init__(self, cluster: LocalSlurmCluster, tmp: Path, run_dir: Path):
-        cmd = [sys.executable, "-m", "mtrain.cli.train", *HYDRA_SLURM, f"hydra.sweep.dir={tmp / 'sweep'}",
-               f"run_dir={run_dir}", *TINY]
+    def __init__(self, cluster: LocalSlurmCluster, tmp: Path):
+        # A sweep's job runs in its own folder under hydra.sweep.dir, which is its run_dir.
+        cmd = [sys.executable, "-m", "mtrain.cli.train", *HYDRA_SLURM, f"hydra.sweep.dir={tmp / 'sweep'}", *TINY]
         self.proc = subprocess.Popen(cmd, cwd=tmp, env=job_env(cluster), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -117,6 +117,11 @@ class Submitter:
         return "".join(self.output)
 
 
+def job_dir(tmp: Path) -> Path:
+    """The run dir of the Hydra-submitted job: the sweep's first job folder."""
+    return tmp / "sweep" / "0"
+
+
 def check_finished_run(run_dir: Path) -> list[float]:
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
@@ -131,7 +136,7 @@ def check_finished_run(run_dir: Path) -> list[float]:
 def uninterrupted(cluster, tmp_path_factory):
     """One uninterrupted Hydra-submitted run: (submitter output, job id, run dir)."""
     tmp = tmp_path_factory.mktemp("hydra_straight")
-    submitter = Submitter(cluster, tmp, tmp / "run")
+    submitter = Submitter(cluster, tmp)
     job_id = submitter.job_id()
     output = submitter.wait(JOB_TIMEOUT_S)
     assert submitter.proc.returncode == 0, output
@@ -140,7 +145,7 @@ def uninterrupted(cluster, tmp_path_factory):
 
 def test_hydra_submit_runs_one_task_per_rank_on_two_nodes(cluster, uninterrupted):
     output, job_id, tmp = uninterrupted
-    check_finished_run(tmp / "run")
+    check_finished_run(job_dir(tmp))
     # The results are written just before the tasks end.
     assert cluster.wait_job(job_id, 30) == "COMPLETED"
     folder = tmp / "sweep" / ".submitit" / job_id
@@ -174,19 +179,19 @@ def check_requeued_and_resumed(cluster, job_id: str, run_dir: Path, reference: l
 
 
 def test_hydra_job_requeues_on_warning_and_resumes_exactly(cluster, uninterrupted, tmp_path):
-    reference = check_finished_run(uninterrupted[2] / "run")
-    submitter = Submitter(cluster, tmp_path, tmp_path / "run")
+    reference = check_finished_run(job_dir(uninterrupted[2]))
+    submitter = Submitter(cluster, tmp_path)
     job_id = submitter.job_id()
-    preempt(cluster, job_id, tmp_path / "run")
+    preempt(cluster, job_id, job_dir(tmp_path))
     # The launcher waits through the requeue for the second attempt's result.
     output = submitter.wait(240)
     assert submitter.proc.returncode == 0, output
     assert cluster.wait_job(job_id, 30) == "COMPLETED"
-    check_requeued_and_resumed(cluster, job_id, tmp_path / "run", reference)
+    check_requeued_and_resumed(cluster, job_id, job_dir(tmp_path), reference)
 
 
 def test_sbatch_script_requeues_on_warning_and_resumes_exactly(cluster, uninterrupted, tmp_path):
-    reference = check_finished_run(uninterrupted[2] / "run")
+    reference = check_finished_run(job_dir(uninterrupted[2]))
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "mtrain.launch.sbatch", *TINY, f"run_dir={run_dir}",
            "hydra.launcher.gpus_per_node=null", "hydra.launcher.timeout_min=10",

@@ -69,7 +69,7 @@ def test_the_plans_activation_estimate_is_within_15_percent_of_the_measured_forw
     """The activations a micro-batch's forward keeps for its backward (live
     tensor bytes at the end of the forward, one rank, fp32) against
     mtrain-plan's per-micro-batch activation estimate, for tiny and small."""
-    from mtrain.cli.planning import make_plan
+    from mtrain.planner.plan import make_plan
     from mtrain.config.loading import load_config
     from mtrain.model.model import ModelChunk, initialize
     from mtrain.runtime.runner import ChunkRunner

@@ -12,7 +12,7 @@ PACKAGE = Path(mtrain.__file__).parent
 KERNELS = PACKAGE.parent / "kernels"  # installed as mtrain.kernels
 
 # Floors, bottom first: a module may import its own floor and the ones below.
-FLOORS = ["runtime", "parallel", "model", "pipeline", "data", "train", "launch", "cli"]
+FLOORS = ["runtime", "parallel", "model", "pipeline", "data", "train", "launch", "planner", "cli"]
 # Packages beside the floors, each pinned at the floor of the highest thing it imports.
 UTILITIES = {"config": -1, "kernels": -1, "testing": 0}
 # Where a schedule may be named: its rules, its builders, the config schema, the CLI.

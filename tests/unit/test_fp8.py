@@ -183,16 +183,37 @@ def test_config_fp8_widths_are_named_with_the_fix():
                and "set model.hidden_size so it is, or train.fp8=none" in e for e in errors), errors
     assert any("model.kv_lora_rank=32" in e for e in errors)
     assert any("model.num_shared_experts x model.moe_ffn_hidden_size / parallel.tp (1 x 32 / 1)=32" in e
-               for e in errors)  # the shared experts; the routed ones stay in high precision
-    assert not any("model.moe_ffn_hidden_size=" in e for e in errors)
+               for e in errors)  # the shared experts
+    assert any("model.moe_ffn_hidden_size / parallel.expert_tp (a routed expert's down projection input: 32 / 1)=32"
+               in e for e in errors)
     assert any("output projection's input" in e for e in errors)
     assert config_errors(load_config(["train.fp8=none"])) == []
     from mtrain.config.validate import fp8_width_errors
 
     # V3's widths fit, at tp=2 too (kv_a's 576 rows: a ragged edge)...
     assert fp8_width_errors(load_config(["model=deepseek_v3"]).model, 2) == []
-    # ...but FP8 with tensor parallelism is refused until its gradients are explained (docs/fp8.md).
-    v3 = config_errors(load_config(["train.fp8=blockwise", "model=deepseek_v3", "parallel.tp=2"]))
-    assert v3 == ["train.fp8=blockwise is verified at parallel.tp=1 only (got tp=2): use tp=1 (expert, data and "
-                  "pipeline parallelism are fine) or train.fp8=none"], v3
+    assert config_errors(load_config(["train.fp8=blockwise", "model=deepseek_v3", "parallel.tp=2"])) == []
+    # With tp > 1 a column-parallel shard's rows must be block-aligned too (docs/fp8.md, "Tensor
+    # parallelism"): FP8_TINY's q_b has 2 heads of 96 rows, 96 on each of 2 ranks.
+    tp2 = config_errors(load_config(["train.fp8=blockwise", *FP8_TINY, "parallel.tp=2"]))
+    tail = " is not a multiple of 128 (FP8 GEMMs reduce in 128-wide tiles): set "
+    assert sorted(tp2) == sorted([
+        "train.fp8=blockwise: model.num_heads x (model.qk_nope_head_dim + model.qk_rope_head_dim) / parallel.tp "
+        "(the query up-projection's rows on one rank: 2 x 96 / 2)=96" + tail + "model.qk_nope_head_dim, "
+        "model.qk_rope_head_dim, model.num_heads or parallel.tp so it is, or train.fp8=none",
+        "train.fp8=blockwise: model.num_heads x model.v_head_dim / parallel.tp (the output projection's input: "
+        "2 x 64 / 2)=64" + tail + "model.v_head_dim, model.num_heads or parallel.tp so it is, or train.fp8=none",
+        "train.fp8=blockwise: model.num_shared_experts x model.moe_ffn_hidden_size / parallel.tp (1 x 128 / 2)=64"
+        + tail + "model.moe_ffn_hidden_size or parallel.tp so it is, or train.fp8=none"]), tp2
     assert config_errors(load_config(["train.fp8=blockwise", *FP8_TINY])) == []
+
+
+def test_fp8_backend_choice_names_the_field_and_the_fix():
+    from mtrain.model.fp8 import use_fp8_backend
+
+    use_fp8_backend("reference", torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"train.fp8_backend=scaled_mm cannot run: it runs on CUDA.*"
+                                         r"train.fp8_backend=reference"):
+        use_fp8_backend("scaled_mm", torch.device("cpu"))
+    with pytest.raises(ValueError, match="choose one of reference, scaled_mm"):
+        use_fp8_backend("te", torch.device("cpu"))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from mtrain.cli.planning import make_plan
+from mtrain.planner.plan import make_plan
 from mtrain.config.loading import load_config
 from mtrain.data import GPTDataset, IndexedDataset, IndexedDatasetWriter, StepLoader
 from mtrain.data.batching import BatchConfigError, BatchRamp, BatchSchedule, batch_schedule

@@ -108,3 +108,25 @@ def test_text_plan_shows_model_facts():
     assert "model deepseek_v3: 671.0B total, 36.6B activated, MTP 11.6B" in out.stdout
     assert "stage 0: layers 0-60 (61) + embedding + head + mtp on pp ranks [0]" in out.stdout
     assert "GiB" in out.stdout and "memory per rank (estimate, bf16 training):" in out.stdout
+
+
+def test_prediction_with_a_gpu_profile():
+    out = run("model=deepseek_v2_lite", "cluster=h100", "cluster.nodes=2", "parallel.pp=2", "parallel.ep=8",
+              "train.dtype=bf16", "output=json")
+    assert out.returncode == 0, out.stderr
+    pred = json.loads(out.stdout)["prediction"]
+    assert pred["hardware"] == "H100-SXM5-80GB" and pred["world_size"] == 16
+    assert pred["step_s"] > pred["pipeline_s"] > 0
+    text = run("model=deepseek_v2_lite", "cluster=h100", "cluster.nodes=2", "parallel.pp=2", "parallel.ep=8",
+               "train.dtype=bf16").stdout
+    assert "predicted step on 16 x H100-SXM5-80GB" in text and "GPU-hours per trillion tokens" in text
+
+
+def test_search_flag_ranks_layouts_and_needs_a_profile():
+    out = run("--search", "plan.top=3", "model=deepseek_v2_lite", "cluster=h100", "train.dtype=bf16",
+              "train.global_batch_size=64", "plan.tp=[1]", "plan.pp=[1,2]", "plan.ep=[1,8]",
+              "plan.recompute=[full]", "plan.fp8=[none]")
+    assert out.returncode == 0, out.stderr
+    assert "ranked by predicted tokens/s per GPU" in out.stdout and "1. bound by" in out.stdout
+    out = run("--search")
+    assert out.returncode == 2 and "cluster.gpu.bf16_tflops" in out.stderr and "cluster=h800" in out.stderr

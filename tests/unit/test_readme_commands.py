@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mtrain.cli.planning import make_plan
+from mtrain.planner.plan import make_plan
 from mtrain.config.loading import load_config
 from mtrain.train.preflight import config_errors
 

@@ -2,6 +2,9 @@
 heartbeats in a real TCPStore) and dumps this rank's stacks, once per step."""
 import datetime
 import logging
+import multiprocessing as mp
+import os
+import signal
 import time
 
 import torch.distributed as dist
@@ -40,3 +43,33 @@ def test_budget_follows_the_steps_after_warmup():
     dog._times = [10.0, 12.0, 11.0, 9.0]
     assert dog.budget() == 105.0  # 10x the median
     dog.close()
+
+
+def _host_store(port, ready):
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=datetime.timedelta(seconds=30))
+    ready.set()
+    time.sleep(60)
+    del store
+
+
+def test_a_frozen_store_host_costs_one_wait_and_never_holds_up_training():
+    # The store's host (rank 0 under Slurm) is the one stopped: every read would wait out the client's timeout.
+    port, ctx = free_port(), mp.get_context("fork")
+    ready = ctx.Event()
+    host = ctx.Process(target=_host_store, args=(port, ready), daemon=True)
+    host.start()
+    try:
+        assert ready.wait(20)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=1))
+        os.kill(host.pid, signal.SIGSTOP)
+        dog = Watchdog(rank=1, world=4, budget_s=100, store=store, poll_s=100, store_wait_s=1.0)
+        start = time.monotonic()
+        dog.step_started(3)  # training does not wait on the store
+        said = dog._behind(3)
+        took = time.monotonic() - start
+        dog.close()
+    finally:
+        host.kill()
+        host.join()
+    assert "did not answer within 1 s (its host may be the one stopped)" in said
+    assert took < 2.5, took  # one wait, not one per rank and key

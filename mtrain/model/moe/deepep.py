@@ -7,7 +7,13 @@ node over RDMA, then on over NVLink) that holds one of its experts, and hands
 the receiver the local expert id of each slot (-1 where another rank serves
 it) with the weights; ``combine`` sums the rows each rank returns per token.
 The gates travel as DeepEP's ``topk_weights`` (fp32), and their gradients
-come back through ``combine``'s; the hidden states travel in bf16.
+come back through ``combine``'s; the hidden states travel in bf16, or, with
+``train.fp8=blockwise``, as DeepEP's FP8 form: a tuple of E4M3 data ``[T, H]``
+and fp32 scales ``[T, H / 128]`` (one per 1x128 tile, quantized here by
+:func:`mtrain.model.fp8.quantize_tiles`), which the experts' Fprop uses as it
+arrives (``DispatchPlan.received_tiles``). The combine and the dispatch's
+backward stay bf16. The FP8 form has not run here (no GPU): only its
+bookkeeping (:func:`dispatch_input`, :func:`received_rows`) is tested.
 
 One ``Buffer`` per EP group serves every MoE layer, sized from DeepEP's own
 size hints for the model's hidden size (NVLink bytes, and RDMA bytes beyond
@@ -27,6 +33,7 @@ import importlib
 
 import torch
 
+from mtrain.model.fp8 import dequantize_tiles, quantize_tiles
 from mtrain.model.moe.dispatch import DispatcherBackend, DispatchPlan, Dispatcher, register_dispatcher
 from mtrain.runtime.comm import CommOp, Pending
 
@@ -94,6 +101,23 @@ def _waited(event, build):
     return finish
 
 
+def dispatch_input(rows: torch.Tensor, topk: int, fp8: bool):
+    """Rows [T, H + k] -> DeepEP's ``x`` (bf16 [T, H], or (E4M3 [T, H], fp32
+    scales [T, H / 128]) with ``fp8``) and ``topk_weights`` (fp32 [T, k])."""
+    x, gates = rows[:, :-topk].contiguous(), rows[:, -topk:].float().contiguous()
+    return (quantize_tiles(x) if fp8 else x), gates
+
+
+def received_rows(recv_x, recv_gates: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
+    """DeepEP's received ``x`` and weights -> rows [N, H + k] in ``dtype``; an
+    FP8 ``recv_x`` (a tuple) goes to ``plan.received_tiles`` for the experts,
+    and the rows hold its dequantized values."""
+    if isinstance(recv_x, tuple):
+        plan.received_tiles = recv_x
+        recv_x = dequantize_tiles(*recv_x).to(dtype)
+    return torch.cat([recv_x, recv_gates.to(recv_x.dtype)], 1)
+
+
 class _DispatchOp(CommOp):
     """Tokens with their gates ([T, H + k]) -> received tokens with their gates ([N, H + k])."""
 
@@ -102,8 +126,7 @@ class _DispatchOp(CommOp):
         self.handle = None
 
     def start(self, rows):
-        k = self.plan.topk
-        x, gates = rows[:, :-k].contiguous(), rows[:, -k:].float().contiguous()
+        x, gates = dispatch_input(rows, self.plan.topk, self.d.fp8)
         per_rank, per_rdma_rank, per_expert, in_rank = self.layout
         recv_x, recv_idx, recv_gates, counts, self.handle, event = self.d.buffer.dispatch(
             x, topk_idx=self.topk_idx, topk_weights=gates, num_tokens_per_rank=per_rank,
@@ -112,8 +135,8 @@ class _DispatchOp(CommOp):
 
         def build():
             self.plan.expand_received(recv_idx, self.d.num_local, list(counts))
-            return torch.cat([recv_x, recv_gates.to(recv_x.dtype)], 1)
-        return Pending(recv_x, finish=_waited(event, build))
+            return received_rows(recv_x, recv_gates, self.plan, rows.dtype)
+        return Pending(None, finish=_waited(event, build))
 
     def start_transpose(self, grad):
         k = self.plan.topk
@@ -146,11 +169,11 @@ class _CombineOp(CommOp):
 class DeepEPDispatcher(Dispatcher):
     name = "deepep"
 
-    def __init__(self, num_experts: int, ep_group, num_sms: int = 20, hidden: int = 7168):
+    def __init__(self, num_experts: int, ep_group, num_sms: int = 20, hidden: int = 7168, fp8: bool = False):
         deep_ep = import_deep_ep()
         if not torch.cuda.is_available():
             raise RuntimeError(_INSTALL_HINT)
-        super().__init__(num_experts, ep_group)
+        super().__init__(num_experts, ep_group, fp8=fp8)
         self.name = "deepep"
         deep_ep.Buffer.set_num_sms(num_sms)
         self.buffer = shared_buffer(deep_ep, ep_group, hidden)
@@ -173,5 +196,5 @@ class DeepEPDispatcher(Dispatcher):
 
 # Only by name (parallel.dispatcher=deepep): ``auto`` never picks it.
 register_dispatcher(DispatcherBackend(
-    "deepep", lambda num_experts, ep_group=None, num_sms=20, hidden=7168: DeepEPDispatcher(
-        num_experts, ep_group, num_sms=num_sms, hidden=hidden)))
+    "deepep", lambda num_experts, ep_group=None, num_sms=20, hidden=7168, fp8=False: DeepEPDispatcher(
+        num_experts, ep_group, num_sms=num_sms, hidden=hidden, fp8=fp8)))

@@ -20,7 +20,9 @@ Backends register themselves here (:func:`register_dispatcher`): ``local``
 (ep=1, no communication) and ``alltoall`` (torch.distributed
 ``all_to_all_single`` with uneven splits, counts exchanged first; one or two
 levels; gloo and nccl) in this module, ``deepep`` (``deep_ep.Buffer``, GPU only) in
-:mod:`mtrain.model.moe.deepep`.
+:mod:`mtrain.model.moe.deepep`. With ``fp8`` (``train.fp8=blockwise``) the
+dispatch carries the hidden states as FP8 tiles
+(:mod:`mtrain.model.moe.fp8_dispatch`); the combine does not.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from mtrain.model.moe.fp8_dispatch import FP8PayloadOp
 from mtrain.runtime.comm import AllToAllOp, CommOp, IdentityOp, TransposedOp, TwoHopOp
 
 
@@ -67,6 +70,8 @@ class DispatchPlan:
     # [expert_tp, local experts] received rows of every expert_tp rank (expert_tp > 1),
     # on the device and as host lists; exchanged once per plan so recomputation does not repeat it.
     expert_tp_counts: Optional[tuple] = None
+    # FP8 dispatch: (fp8 data [N, H], fp32 1x128 scales [N, H / 128]) of the received tokens.
+    received_tiles: Optional[tuple] = None
 
     def expand_received(self, recv_ids: torch.Tensor, num_local: int, tokens_per_expert: list[int]) -> None:
         """Set the receiver side from the received slots' local expert ids."""
@@ -138,12 +143,18 @@ class Dispatcher:
     EP group is cut into nodes of consecutive EP ranks; the node group holds
     this rank's node, the rail group the ranks of this rank's index inside
     their node, one per node (both in EP order).
+
+    ``fp8``: the dispatch sends the hidden states as FP8 1x128 tiles with their
+    scales (:class:`~mtrain.model.moe.fp8_dispatch.FP8PayloadOp`, also at ep=1,
+    so every EP size computes the same); ``fp8_on_wire=False`` quantizes on
+    arrival instead (the same numbers, high-precision bytes on the wire).
     """
 
     name = "alltoall"
 
-    def __init__(self, num_experts: int, ep_group=None, hop_groups: Optional[tuple] = None):
+    def __init__(self, num_experts: int, ep_group=None, hop_groups: Optional[tuple] = None, fp8: bool = False):
         self.num_experts = num_experts
+        self.fp8, self.fp8_on_wire = fp8, True
         self.group = ep_group
         self.ep = 1 if ep_group is None else dist.get_world_size(ep_group)
         if self.ep == 1:
@@ -162,6 +173,12 @@ class Dispatcher:
         """One host sync: the pair and row counts the exchange and the grouped
         GEMM need, read back once (after the counts' all-to-all when ep > 1,
         their all_gather in two levels)."""
+        plan = self._plan(topk_idx)
+        if self.fp8:
+            plan.dispatch_op = FP8PayloadOp(plan.dispatch_op, plan, self.fp8_on_wire)
+        return plan
+
+    def _plan(self, topk_idx: torch.Tensor) -> DispatchPlan:
         tokens, k = topk_idx.shape
         local, ep = self.num_local, self.ep
         per_expert = count_per_expert(topk_idx.flatten(), self.num_experts)
@@ -270,7 +287,7 @@ class Dispatcher:
 
 @dataclass(frozen=True)
 class DispatcherBackend:
-    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms=, hidden=)``
+    """A registered dispatcher, chosen by name: ``build(num_experts, ep_group, num_sms=, hidden=, fp8=)``
     (alltoall's also takes ``hop_groups=``, see :func:`make_dispatcher`)."""
 
     name: str
@@ -284,14 +301,15 @@ def register_dispatcher(backend: DispatcherBackend) -> None:
     BACKENDS[backend.name] = backend
 
 
-def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0, hop_groups=None) -> Dispatcher:
-    return Dispatcher(num_experts, ep_group, hop_groups)
+def _build_alltoall(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0, hop_groups=None,
+                    fp8: bool = False) -> Dispatcher:
+    return Dispatcher(num_experts, ep_group, hop_groups, fp8=fp8)
 
 
-def _build_local(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0) -> Dispatcher:
+def _build_local(num_experts, ep_group=None, num_sms: int = 20, hidden: int = 0, fp8: bool = False) -> Dispatcher:
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
         raise ValueError("parallel.dispatcher=local works only with parallel.ep=1")
-    return Dispatcher(num_experts, None)
+    return Dispatcher(num_experts, None, fp8=fp8)
 
 
 register_dispatcher(DispatcherBackend("alltoall", _build_alltoall))
@@ -304,17 +322,19 @@ AUTO_DISPATCHER = "alltoall"
 
 
 def make_dispatcher(kind: str, num_experts: int, ep_group=None, num_sms: int = 20, hidden: int = 7168,
-                    hop_groups: Optional[tuple] = None) -> Dispatcher:
+                    hop_groups: Optional[tuple] = None, fp8: bool = False) -> Dispatcher:
     """The registered backend ``kind``; ``auto`` is :data:`AUTO_DISPATCHER`
     (alltoall, local for ep=1). ``hop_groups`` (node group, rail group): the
-    alltoall backend's two-level exchange (see :class:`Dispatcher`)."""
+    alltoall backend's two-level exchange (see :class:`Dispatcher`). ``fp8``:
+    FP8 dispatch payloads (``train.fp8=blockwise``)."""
     kind = str(kind)
     if kind == "auto":
         kind = AUTO_DISPATCHER
     if kind not in BACKENDS:
         raise ValueError(f"unknown dispatcher {kind!r}: use auto or one of {', '.join(sorted(BACKENDS))}")
     if hop_groups is None:
-        return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden)
+        return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden, fp8=fp8)
     if kind != "alltoall":
         raise ValueError(f"the two-level exchange is the alltoall dispatcher's, not {kind}'s")
-    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden, hop_groups=hop_groups)
+    return BACKENDS[kind].build(num_experts, ep_group, num_sms=num_sms, hidden=hidden, hop_groups=hop_groups,
+                                fp8=fp8)

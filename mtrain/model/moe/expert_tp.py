@@ -93,17 +93,30 @@ def group_counts(tokens_per_expert: list[int], group, device) -> tuple[torch.Ten
     return counts, counts.tolist()
 
 
+def _gather_tiles(tiles: tuple, rows_per_rank: list[int], group, order: torch.Tensor) -> tuple:
+    """The FP8 tiles (data, scales) of every rank's rows, in ``order``; their
+    bytes travel as uint8 (collectives need not know the fp8 dtype)."""
+    data, scales = tiles
+    data = all_gather_rows(data.view(torch.uint8), rows_per_rank, group).view(data.dtype)
+    scales = all_gather_rows(scales, rows_per_rank, group)
+    return data.index_select(0, order), scales.index_select(0, order)
+
+
 def run_split_experts(experts, grouped: torch.Tensor, counts: tuple[torch.Tensor, list[list[int]]],
-                      group) -> torch.Tensor:
+                      group, tiles: tuple | None = None) -> torch.Tensor:
     """``experts`` (this rank's ffn shard) on the rows of the whole expert_tp group.
 
-    ``grouped``: this rank's rows, expert-major; ``counts``: :func:`group_counts`.
+    ``grouped``: this rank's rows, expert-major; ``counts``: :func:`group_counts`;
+    ``tiles``: their FP8 tiles from an FP8 dispatch (gathered alike).
     Returns this rank's rows of the full expert output, in the same order.
     """
     device_counts, host = counts
     rows_per_rank = [sum(row) for row in host]
     gathered = gather_rows(grouped, rows_per_rank, group)  # (rank, expert)
     order = expert_major_index(device_counts, sum(rows_per_rank))  # -> (expert, rank): one block per expert
-    partial = experts(gathered.index_select(0, order), [sum(col) for col in zip(*host)])
+    if tiles is not None:
+        tiles = _gather_tiles(tiles, rows_per_rank, group, order)
+    per_expert = [sum(col) for col in zip(*host)]
+    partial = experts(gathered.index_select(0, order), per_expert, tiles)
     partial = partial.index_select(0, torch.argsort(order))
     return scatter_rows(partial, rows_per_rank, group)

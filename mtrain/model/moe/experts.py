@@ -1,11 +1,15 @@
 """Routed experts stored grouped (one tensor per projection, leading dim =
-local experts) and run through one grouped-GEMM entry point."""
+local experts) and run through one grouped-GEMM entry point (or, with
+``train.fp8=blockwise``, the FP8 reference's grouped linear, docs/fp8.md)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from typing import Optional
+
 from mtrain.model.compiled import compiled, rows_vary
+from mtrain.model.fp8 import fp8_grouped_linear
 from mtrain.model.mlp import swiglu
 from mtrain.model.moe.gemm_backends import grouped_gemm_backend
 from mtrain.model.params import tag
@@ -47,14 +51,20 @@ class GroupedExperts(nn.Module):
     """``num_local`` SwiGLU experts: down(silu(gate(x)) * up(x)) per expert.
     ``grouped_gemm`` picks the GEMM backend (``model.grouped_gemm``). With
     expert_tp > 1, ``ffn`` is this rank's slice of the expert width: gate/up
-    are split along dim 1, down along dim 2, and the output is a partial sum."""
+    are split along dim 1, down along dim 2, and the output is a partial sum.
+
+    ``fp8``: the three projections run :func:`mtrain.model.fp8.fp8_grouped_linear`
+    (the FP8 reference, whatever ``grouped_gemm`` says); ``forward``'s ``tiles``
+    are the input rows' 1x128 FP8 tiles when the dispatch delivered them, used
+    by gate and up as they are."""
 
     def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float, grouped_gemm: str = "auto",
-                 compile: bool = False):
+                 compile: bool = False, fp8: bool = False):
         super().__init__()
         self._act = compiled(swiglu, compile)
         grouped_gemm_backend(grouped_gemm)  # fail at construction, not at the first step
         self.grouped_gemm = grouped_gemm
+        self.fp8 = fp8
         self.gate = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True, shard_dim=1,
                         shard_group="expert_tp")
         self.up = tag(nn.Parameter(torch.empty(num_local, ffn, hidden)), expert=True, shard_dim=1,
@@ -64,8 +74,13 @@ class GroupedExperts(nn.Module):
         for w in (self.gate, self.up, self.down):
             nn.init.normal_(w, std=init_std)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens_per_expert: list[int],
+                tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         counts, gemm = tokens_per_expert, self.grouped_gemm
+        if self.fp8:
+            act = self._act(rows_vary(fp8_grouped_linear(x, self.gate, counts, tiles)),
+                            rows_vary(fp8_grouped_linear(x, self.up, counts, tiles)))
+            return fp8_grouped_linear(act, self.down, counts)
         act = self._act(rows_vary(grouped_linear(x, self.gate, counts, gemm)),
                         rows_vary(grouped_linear(x, self.up, counts, gemm)))
         return grouped_linear(act, self.down, counts, gemm)

@@ -40,8 +40,9 @@ class MoECarry(Carry):
 
 class MoELayer(nn.Module):
     def __init__(self, cfg, groups: Optional[ModelGroups] = None):
-        """With ``groups.fp8`` the shared experts' GEMMs are FP8; the router and
-        the routed experts are not (docs/fp8.md)."""
+        """With ``groups.fp8`` the shared and the routed experts' GEMMs are FP8
+        and the dispatch carries FP8 tiles; the router and the combine are not
+        (docs/fp8.md)."""
         super().__init__()
         g = groups or ModelGroups()
         tp_group, ep_group, expert_tp_group = g.tp, g.ep, g.expert_tp
@@ -55,11 +56,11 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, cfg.init_std, nodes=g.ep_nodes)
         self.experts = GroupedExperts(cfg.num_routed_experts // ep, cfg.hidden_size,
                                       cfg.moe_ffn_hidden_size // expert_tp, cfg.init_std, cfg.grouped_gemm,
-                                      cfg.compile)
+                                      cfg.compile, fp8=g.fp8)
         self.shared = (DenseMLP(cfg.hidden_size, cfg.num_shared_experts * cfg.moe_ffn_hidden_size, tp_group, cfg.init_std,
                                 cfg.compile, fp8=g.fp8) if cfg.num_shared_experts else None)
         self.dispatcher = make_dispatcher(g.dispatcher, cfg.num_routed_experts, ep_group, g.deepep_num_sms,
-                                          cfg.hidden_size, hop_groups=g.ep_hops)
+                                          cfg.hidden_size, hop_groups=g.ep_hops, fp8=g.fp8)
         self.recompute = cfg.recompute == "full"
 
     def forward(self, x_norm: torch.Tensor, step: Optional[StepContext] = None) -> torch.Tensor:
@@ -124,14 +125,20 @@ class MoELayer(nn.Module):
         return self.dispatcher.pack(flat, weights, plan), plan
 
     def compute_experts(self, received: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Received tokens [N, H + k] -> their gated expert outputs summed per token [N, H]."""
+        """Received tokens [N, H + k] -> their gated expert outputs summed per token [N, H].
+        With an FP8 dispatch the received tiles feed gate and up as they arrived."""
         grouped, gates = self.dispatcher.expand(received, plan)
+        tiles = None
+        if plan.received_tiles is not None:
+            tiles = tuple(t.index_select(0, plan.row_token) for t in plan.received_tiles)
+            if not self.recompute:  # read once, like the received rows (released after this step)
+                plan.received_tiles = None
         if self.expert_tp_group is None:
-            out = self.experts(grouped, plan.tokens_per_expert)
+            out = self.experts(grouped, plan.tokens_per_expert, tiles)
         else:
             if plan.expert_tp_counts is None:
                 plan.expert_tp_counts = group_counts(plan.tokens_per_expert, self.expert_tp_group, received.device)
-            out = run_split_experts(self.experts, grouped, plan.expert_tp_counts, self.expert_tp_group)
+            out = run_split_experts(self.experts, grouped, plan.expert_tp_counts, self.expert_tp_group, tiles)
         return self.dispatcher.reduce(out, gates, plan)
 
     def finish(self, rows: torch.Tensor, x_norm: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
