@@ -291,7 +291,8 @@ class FP8GroupedLinear(torch.autograd.Function):
     is padded along T for its own Wgrad and an empty expert gets a zero weight
     gradient. ``x_data``/``x_scales``: ``x``'s 1x128 tiles when the caller
     already holds them (an FP8 dispatch payload); Fprop then uses them as they
-    are, and Wgrad quantizes ``x`` (their dequantized values) along T."""
+    are, the backward keeps them instead of ``x`` (their dequantized values,
+    rebuilt for it), and Wgrad quantizes those along T."""
 
     @staticmethod
     def forward(ctx, x, weight, counts, x_data, x_scales):
@@ -304,12 +305,20 @@ class FP8GroupedLinear(torch.autograd.Function):
         _check_multiple("fp8_grouped_linear input", x.shape, (1,), BLOCK)
         n = weight.shape[1]
         qw, sw = quantize_expert_blocks(weight)
+        # Rows that arrived as FP8 tiles are kept as those tiles (DeepSeek-V3 caches
+        # the experts' inputs in FP8): x is their dequantized value, so the
+        # backward gets it back bit for bit at about half the bytes of bf16.
+        ctx.from_tiles = x_data is not None
         if x_data is None:
             x_data, x_scales = quantize_tiles(x)
         y = x.new_zeros(x.shape[0], n)
         for e, rows in _expert_slices(counts):
             y[rows] = fp8_matmul(x_data[rows], x_scales[rows], qw[e], sw[e])[:, :n].to(x.dtype)
-        ctx.save_for_backward(x, qw, sw)
+        if ctx.from_tiles:
+            ctx.save_for_backward(x_data, x_scales, qw, sw)
+        else:
+            ctx.save_for_backward(x, qw, sw)
+        ctx.x_dtype = x.dtype
         ctx.param = weight  # deferred gradients must land on the real parameter (see wgrad._Linear)
         ctx.step = current_step()
         ctx.counts, ctx.weight_dtype = counts, weight.dtype
@@ -317,7 +326,11 @@ class FP8GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, qw, sw = ctx.saved_tensors
+        if ctx.from_tiles:
+            x_data, x_scales, qw, sw = ctx.saved_tensors
+            x = dequantize_tiles(x_data, x_scales).to(ctx.x_dtype)
+        else:
+            x, qw, sw = ctx.saved_tensors
         counts, n, k = ctx.counts, grad_out.shape[1], x.shape[1]
         grad_x = None
         if ctx.needs_input_grad[0]:

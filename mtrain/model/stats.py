@@ -182,7 +182,10 @@ def rank_params(m, rank_stages: list[dict], tp: int, ep: int, expert_tp: int) ->
     return dense, expert
 
 
-def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int) -> float:
+FP8_ROW_BYTES_PER_ELEMENT = 1 + 4 / 128  # E4M3 data and one fp32 scale per 128 channels
+
+
+def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int, routed_rows_ratio: float = 1.0) -> float:
     """Activation elements one block keeps per token for its backward.
 
     Replicated over tp: the inputs and outputs of both RMSNorms (4h), the Q and
@@ -193,7 +196,9 @@ def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int) -> float:
     (the value is a view of it) and the attention output (a fused attention
     kernel keeps no score matrix); the gate, up and gated product of the dense
     or shared MLP. The routed experts' gate, up and product are split over
-    expert_tp.
+    expert_tp. ``routed_rows_ratio`` scales the routed copies of the token:
+    under ``train.fp8=blockwise`` they arrive and stay in FP8 with their
+    scales (their bytes per element over the activation dtype's).
     """
     h = m.hidden_size
     qk_head = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -209,19 +214,19 @@ def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int) -> float:
         split += 3 * m.ffn_hidden_size
     else:
         split += 3 * m.num_shared_experts * m.moe_ffn_hidden_size
-        replicated += m.num_routed_experts + 2 * m.moe_topk * h
+        replicated += m.num_routed_experts + (1 + routed_rows_ratio) * m.moe_topk * h
         experts = m.moe_topk * 3 * m.moe_ffn_hidden_size / expert_tp
     return replicated + split / tp + experts
 
 
-def _chunk_activation_elements(m, stage: dict, tp: int, expert_tp: int) -> float:
+def _chunk_activation_elements(m, stage: dict, tp: int, expert_tp: int, ratio: float = 1.0) -> float:
     """Per-token activation elements of one stage chunk. Full recompute keeps
     only each block's input (the recompute working set is added once by
     :func:`memory_estimate`)."""
-    blocks = [layer_activation_elements(m, layer < m.first_k_dense, tp, expert_tp) for layer in stage["layers"]]
+    blocks = [layer_activation_elements(m, layer < m.first_k_dense, tp, expert_tp, ratio) for layer in stage["layers"]]
     if stage["mtp"]:
         # Each module also keeps its two normed inputs, their concatenation and the projection.
-        mtp_block = layer_activation_elements(m, not has_moe(m), tp, expert_tp)
+        mtp_block = layer_activation_elements(m, not has_moe(m), tp, expert_tp, ratio)
         blocks += [mtp_block + 6 * m.hidden_size] * m.mtp_depth
     if m.recompute == "full":
         return len(blocks) * m.hidden_size
@@ -244,8 +249,8 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     rank with the head (vocab split over tp) and one block's working set under
     full recompute.
 
-    Under ``train.fp8=blockwise`` every activation is still kept in the model
-    dtype (the FP8 expert GEMMs keep their dequantized input rows).
+    Under ``train.fp8=blockwise`` the routed copies of each token are kept
+    in FP8 with their scales (the dispatched rows the experts' backward reads).
 
     ``train.dtype=auto`` is taken as the dtype it resolves to on the planned
     cluster: bf16 (GPUs), unless ``parallel.backend=gloo`` (fp32).
@@ -261,7 +266,8 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     optimizer = per_param["optimizer"] * (dense / shards[0] + expert / shards[1])
 
     tokens = t.micro_batch_size * cfg.data.seq_len
-    chunk = max(_chunk_activation_elements(m, s, p.tp, p.expert_tp) for s in rank_stages)
+    ratio = FP8_ROW_BYTES_PER_ELEMENT / ACTIVATION_BYTES[dtype] if str(t.fp8) == "blockwise" else 1.0
+    chunk = max(_chunk_activation_elements(m, s, p.tp, p.expert_tp, ratio) for s in rank_stages)
     activations = peak_inflight_microbatches * chunk * tokens * ACTIVATION_BYTES[dtype]
     if any(s["head"] for s in rank_stages):
         # The softmax of the main head and of every MTP depth is kept for the

@@ -241,3 +241,33 @@ def test_fp8_moe_layer_runs_step_by_step_as_plain():
     grads = drain(backward_steps(rec, {"hidden": dy}))
     got = [final.hidden.detach(), grads["normed"]] + [p.grad for p in moe.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_rows_that_arrived_as_fp8_tiles_are_kept_as_tiles():
+    """An FP8 dispatch's rows are saved for the backward as their E4M3 tiles
+    (1 byte and 4/128 of a scale per element), not as the fp32/bf16 rows
+    dequantized from them; the weight gradient is the same bits either way."""
+    torch.manual_seed(0)
+    counts, hidden = [130, 0, 5, 61], 256
+    data, scales = quantize_tiles(torch.randn(sum(counts), hidden))
+    w = (torch.randn(len(counts), 128, hidden) * 0.05).requires_grad_()
+
+    def run(tiles):
+        rows = dequantize_tiles(data, scales).requires_grad_()
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = fp8_grouped_linear(rows, w, counts, tiles)
+        w.grad = None
+        y.square().sum().backward()
+        return sum(saved), w.grad.clone()
+
+    plain_bytes, plain_grad = run(None)
+    cached_bytes, cached_grad = run((data, scales))
+    rows = sum(counts)
+    assert plain_bytes - cached_bytes == rows * hidden * 4 - (rows * hidden + rows * hidden // 128 * 4)
+    assert torch.equal(plain_grad, cached_grad)

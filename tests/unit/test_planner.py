@@ -186,3 +186,19 @@ def test_search_proposes_only_layouts_the_plan_accepts_and_that_fit():
     combos = set(itertools.product([1, 2], [1, 2, 4], [1, 8, 16]))
     assert {(r["layout"]["tp"], r["layout"]["pp"], r["layout"]["ep"]) for r in ranked} <= combos
 
+
+
+def test_memory_counts_fp8_dispatched_rows():
+    """Under FP8 the routed copies of a token stay in FP8 with their scales:
+    1 + 4/128 bytes per element instead of bf16's 2, in every MoE layer."""
+    base = ["parallel.pp=1", "parallel.ep=1", "parallel.schedule=1f1b", "parallel.num_microbatches=1",
+            "cluster.gpus_per_node=1", "train.dtype=bf16", "model.hidden_size=128", "model.num_heads=2",
+            "model.q_lora_rank=128", "model.kv_lora_rank=128", "model.ffn_hidden_size=256",
+            "model.moe_ffn_hidden_size=128", "model.v_head_dim=64", "data.seq_len=64", "train.micro_batch_size=2"]
+    plain = make_plan(_cfg(*base))
+    fp8 = make_plan(_cfg(*base, "train.fp8=blockwise"))
+    assert not plain["errors"] and not fp8["errors"], fp8["errors"]
+    m = _cfg(*base).model
+    moe_layers = m.num_layers - m.first_k_dense + m.mtp_depth
+    saved = moe_layers * m.moe_topk * m.hidden_size * 2 * 64 * (2 - (1 + 4 / 128))
+    assert plain["memory"][0]["activations"] - fp8["memory"][0]["activations"] == pytest.approx(saved, abs=1)
