@@ -41,7 +41,11 @@ def _search(cfg: DictConfig) -> None:
     if errors:
         print("invalid config:\n" + "\n".join(f"  - {e}" for e in errors), file=sys.stderr)
         sys.exit(2)
-    result = search(cfg, stderr_progress)
+    try:
+        result = search(cfg, stderr_progress)
+    except ValueError as e:
+        print(f"invalid config:\n  - {e}", file=sys.stderr)
+        sys.exit(2)
     if cfg.output == "json":
         result["ranked"] = result["ranked"][:cfg.plan.top]
         print(json.dumps(result))

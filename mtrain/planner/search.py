@@ -56,6 +56,9 @@ def _global_batch(cfg, world: int) -> int:
     t, p = cfg.train, cfg.parallel
     if t.global_batch_size is not None:
         return t.global_batch_size
+    if p.num_microbatches is None:
+        raise ValueError("a layout search keeps the global batch fixed: set train.global_batch_size (sequences "
+                         "per step) or parallel.num_microbatches")
     return p.num_microbatches * t.micro_batch_size * world // (p.tp * p.pp)
 
 

@@ -130,3 +130,5 @@ def test_search_flag_ranks_layouts_and_needs_a_profile():
     assert "ranked by predicted tokens/s per GPU" in out.stdout and "1. bound by" in out.stdout
     out = run("--search")
     assert out.returncode == 2 and "cluster.gpu.bf16_tflops" in out.stderr and "cluster=h800" in out.stderr
+    out = run("--search", "cluster=h100", "parallel.num_microbatches=null")
+    assert out.returncode == 2 and "set train.global_batch_size" in out.stderr
