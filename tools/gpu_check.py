@@ -21,6 +21,9 @@ Rows (each step has its own time limit; a failure is a row, not a crash):
 - ``grouped GEMM <backend>``: the routed experts' GEMM at DeepSeek-V3 expert
   shapes (hidden 7168, expert width 2048, skewed rows, one empty expert),
   forward TFLOP/s and its share of the dense rate, per backend.
+- ``FP8 GEMM scaled_mm``: blockwise FP8 (1x128 x 128x128, torch's scaled
+  matmul, ``train.fp8_backend=scaled_mm``) at 8192 x 7168 x 2048 against the
+  dense bf16 rate, and its relative error against the FP8 reference.
 - ``host syncs``: one MoE layer's forward and backward under
   ``torch.cuda.set_sync_debug_mode("warn")`` (what CUDA itself reports) and
   mtrain's own counter.
