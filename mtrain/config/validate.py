@@ -20,12 +20,20 @@ from mtrain.config.schema import Choice, Config
 _CHOICES_CHECKED_ELSEWHERE = ("parallel.schedule", "train.lr_schedule")
 
 
-class ConfigError(ValueError):
-    """One or more config problems; ``errors`` holds them all."""
+class ProblemList(ValueError):
+    """Several problems reported at once under ``heading``; ``errors`` holds them all."""
+
+    heading = "invalid input"
 
     def __init__(self, errors: list[str]):
         self.errors = list(errors)
-        super().__init__("invalid config:\n" + "\n".join(f"  - {e}" for e in self.errors))
+        super().__init__(f"{self.heading}:\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+class ConfigError(ProblemList):
+    """One or more config problems."""
+
+    heading = "invalid config"
 
 
 def choice_fields(schema: type = Config, prefix: str = "") -> dict[str, type[Choice]]:

@@ -24,13 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from mtrain.config.validate import ProblemList
 
-class BatchConfigError(ValueError):
+
+class BatchConfigError(ProblemList):
     """The batch fields do not describe a global batch; ``errors`` holds every problem."""
 
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("invalid global batch:\n" + "\n".join(f"  - {e}" for e in self.errors))
+    heading = "invalid global batch"
 
 
 @dataclass(frozen=True)

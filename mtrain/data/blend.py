@@ -37,18 +37,17 @@ from typing import Any, Optional
 
 import numpy as np
 
+from mtrain.config.validate import ProblemList
 from mtrain.data.gpt_dataset import GPTDataset, Sample
 from mtrain.data.indexed import IndexedDataset, bin_path, idx_path
 
 BLOCK = 65536  # positions of the repeated interleave; a source needs a share of at least 1/BLOCK
 
 
-class BlendError(ValueError):
+class BlendError(ProblemList):
     """``data.blend`` cannot be used; ``errors`` holds every problem."""
 
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("invalid data.blend:\n" + "\n".join(f"  - {e}" for e in self.errors))
+    heading = "invalid data.blend"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ A roofline, piece by piece (docs/planning.md):
   activation bytes each block keeps (``mtrain.model.stats``), written and
   read once, over the achieved HBM bandwidth; twice that in the backward.
 - Tensor parallelism: two all-reduces of the hidden state per block each way.
-- The expert exchange: dispatch (FP8 payload under FP8) and combine (bf16)
+- The expert exchange: dispatch (the token with its gates; FP8 with its
+  scales under FP8, as ``mtrain.model.moe.fp8_dispatch`` sends it) and combine (bf16)
   in the forward, both bf16 in the backward, with the sends per token of
   :mod:`mtrain.planner.traffic` (the model's routing of random affinities);
   the two hops run concurrently, so an
@@ -29,12 +30,15 @@ taken from the compute of every MoE stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
+import torch
+
+from mtrain.model.moe.fp8_dispatch import payload_row_bytes
 from mtrain.model.stats import (attention_core_flops, attention_params, attention_replicated_params,
                                 layer_activation_elements, mtp_module_pieces, has_moe, swiglu_params)
 from mtrain.planner.hardware import LINK_LATENCY_S, Hardware
-from mtrain.planner.traffic import destinations, token_bytes
+from mtrain.planner.traffic import destinations
 
 ATTENTION_BACKWARD = 2.5  # backward / forward FLOPs of the fused attention core
 ROUTED_EXPERTS_FP8 = True  # the routed experts' GEMMs follow train.fp8 as the linears do
@@ -52,12 +56,10 @@ class Work:
     tp_bytes: float = 0.0  # all-reduced bytes (ring: 2 (tp-1)/tp of them cross each link)
     recompute_flops: float = 0.0  # linear GEMM FLOPs redone in the backward (selective)
     moe_layers: int = 0
-    detail: dict = field(default_factory=dict)
 
     def add(self, other: "Work") -> None:
-        for name in ("linear_flops", "routed_flops", "bf16_flops", "attention_flops", "memory_bytes", "tp_bytes",
-                     "recompute_flops", "moe_layers"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,9 @@ def exchange_seconds(m, s: Setting, hw: Hardware) -> tuple[float, float, dict]:
         nvlink = d.nvlink_sends * sent * payload / hw.nvlink_bw
         return max(ib, nvlink) + LINK_LATENCY_S * s.hops
 
-    bf16 = token_bytes(m.hidden_size, s.dtype_bytes)
-    dispatch = token_bytes(m.hidden_size, s.dtype_bytes, fp8=s.fp8)
+    dtype = torch.bfloat16 if s.dtype_bytes == 2 else torch.float32
+    bf16 = payload_row_bytes(m.hidden_size, 0, dtype, fp8=False)  # the combine: the expert output
+    dispatch = payload_row_bytes(m.hidden_size, m.moe_topk, dtype, fp8=s.fp8)  # the token with its gates
     limit = m.max_nodes_per_token if 0 < m.max_nodes_per_token < nodes else nodes
     traffic = {"nodes_spanned": nodes, "node_limit": limit, "remote_nodes_per_token": d.remote_nodes,
                "remote_gpus_per_token": d.remote_gpus, "ib_sends_per_token": d.ib_sends,

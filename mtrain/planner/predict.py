@@ -10,6 +10,7 @@ from typing import Optional
 from mtrain.config.schema import resolve_dtype
 from mtrain.model.stats import BYTES_PER_PARAM, rank_params
 from mtrain.parallel.env import ep_nodes
+from mtrain.pipeline.instructions import Overlap
 from mtrain.pipeline.simulate import simulate
 from mtrain.planner.costs import Setting, op_costs
 from mtrain.planner.hardware import LINK_LATENCY_S, Hardware, hardware
@@ -91,7 +92,7 @@ def busiest_rank_parts(sim, costs: list[dict]) -> dict:
     busiest = max(sim.ranks, key=lambda r: r.busy)
     compute = exposed = 0.0
     for ins, start, end in busiest.timeline:
-        if hasattr(ins, "forward"):
+        if isinstance(ins, Overlap):
             f, b = costs[ins.forward.stage], costs[ins.backward.stage]
             inner = (f["F"] - f["F_comm"]) + (b[ins.backward.kind] - b["B_comm"])
         else:

@@ -78,10 +78,6 @@ def candidates(cfg, world: int) -> Iterable:
             train=dataclasses.replace(base.train, fp8=fp8, global_batch_size=batch))
 
 
-def refused(cfg, world: int) -> bool:
-    return bool(config_errors(cfg, world))
-
-
 def fits(cfg, world: int, hbm_bytes: float) -> bool:
     """Whether every pipeline rank's memory estimate fits, before building groups."""
     return all(r["total"] <= hbm_bytes for r in model_facts(cfg, world)["memory"])
@@ -97,7 +93,7 @@ def search(cfg, progress: Optional[Callable[[int, int], None]] = None) -> dict:
     for i, c in enumerate(all_candidates):
         if progress:
             progress(i, len(all_candidates))
-        if refused(c, world):
+        if config_errors(c, world):
             rejected += 1
             continue
         if not fits(c, world, hw.hbm_bytes):

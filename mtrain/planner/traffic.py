@@ -28,7 +28,6 @@ import torch
 
 from mtrain.model.moe.router import select_experts
 
-FP8_TILE = 128  # one fp32 scale per 128 channels travels with FP8 data
 SAMPLE_TOKENS = 4096
 SEED = 1234
 
@@ -85,10 +84,3 @@ def destinations(num_experts: int, topk: int, n_group: int, topk_group: int, gro
     senders = torch.arange(SAMPLE_TOKENS) % ep
     return count_sends(ids, senders, num_experts, ep, ep_per_node, hops)
 
-
-def token_bytes(hidden: int, dtype_bytes: int, fp8: bool = False) -> float:
-    """Bytes of one token on the wire: FP8 data plus an fp32 scale per 128
-    channels, or ``hidden`` values of ``dtype_bytes``."""
-    if fp8:
-        return hidden + 4 * -(-hidden // FP8_TILE)
-    return hidden * dtype_bytes

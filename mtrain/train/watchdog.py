@@ -36,11 +36,13 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from mtrain.parallel.groups import TIMEOUT_FACTOR, TIMEOUT_RECENT, TIMEOUT_WARMUP
+
 log = logging.getLogger("mtrain")
 
 KEY = "mtrain/watchdog/step/{}"  # the step a rank is in
 ALIVE = "mtrain/watchdog/alive/{}"  # when its watchdog last beat (wall clock)
-FACTOR, FLOOR_S, WARMUP_STEPS = 10.0, 60.0, 3
+FLOOR_S = 60.0
 SILENT_POLLS = 3  # a rank whose beat is this many polls old is stopped or frozen
 # How long the store may take to answer. A store whose host is stopped never
 # answers, and its client's timeout does not cover a reply that never comes.
@@ -89,9 +91,9 @@ class Watchdog:
         """Seconds a step may take before it is reported (None: not judged yet)."""
         if self.fixed:
             return self.fixed
-        if len(self._times) < WARMUP_STEPS:
+        if len(self._times) < TIMEOUT_WARMUP:  # judged like the collective timeout
             return None
-        return max(FLOOR_S, FACTOR * statistics.median(self._times[-20:]))
+        return max(FLOOR_S, TIMEOUT_FACTOR * statistics.median(self._times[-TIMEOUT_RECENT:]))
 
     def step_started(self, step: int) -> None:
         with self._lock:

@@ -19,7 +19,7 @@ from mtrain.planner.hardware import ProfileError, hardware
 from mtrain.planner.plan import make_plan
 from mtrain.planner.predict import predict, setting
 from mtrain.planner.search import search
-from mtrain.planner.traffic import count_sends, destinations, token_bytes
+from mtrain.planner.traffic import count_sends, destinations
 
 
 # -- traffic -------------------------------------------------------------------
@@ -60,11 +60,6 @@ def test_node_limit_caps_nodes_and_two_hops_send_fewer_ib_copies():
     assert limited.remote_nodes <= 2 and free.remote_nodes > 2
     per_gpu = destinations(**args, max_nodes=2, hops=1)
     assert limited.ib_sends < per_gpu.ib_sends  # one copy per node instead of per GPU
-
-
-def test_fp8_payload_bytes():
-    assert token_bytes(7168, 2) == 14336
-    assert token_bytes(7168, 2, fp8=True) == 7168 + 4 * 56
 
 
 # -- op costs --------------------------------------------------------------------
