@@ -41,15 +41,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mtrain.runtime.context import current_step
-from mtrain.runtime.wgrad import defer_weight_grad
-
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 BLOCK = 128
 
 
-def _check_multiple(name: str, shape, dims: tuple[int, ...], block: int) -> None:
+def check_multiple(name: str, shape, dims: tuple[int, ...], block: int) -> None:
     bad = [d for d in dims if shape[d] % block]
     if bad:
         raise ValueError(
@@ -80,7 +77,7 @@ def quantize_tiles(x: torch.Tensor, tile: int = BLOCK) -> tuple[torch.Tensor, to
 
     Returns (``float8_e4m3fn`` data of ``x``'s shape, fp32 scales ``[..., K / tile]``).
     """
-    _check_multiple("activation", x.shape, (x.dim() - 1,), tile)
+    check_multiple("activation", x.shape, (x.dim() - 1,), tile)
     xf = x.float()
     tiles = xf.reshape(*x.shape[:-1], x.shape[-1] // tile, tile)
     scales = _scale(tiles.abs().amax(-1))
@@ -99,7 +96,7 @@ def quantize_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
     """
     if w.dim() != 2:
         raise ValueError(f"weight of shape {list(w.shape)}: expected a 2-D [out_features, in_features] matrix")
-    _check_multiple("weight", w.shape, (0, 1), block)
+    check_multiple("weight", w.shape, (0, 1), block)
     n, k = w.shape
     blocks = w.float().reshape(n // block, block, k // block, block)
     scales = _scale(blocks.abs().amax(dim=(1, 3)))
@@ -160,7 +157,7 @@ def fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scale
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"fp8_matmul computes a @ b^T with a [M, K] and b [N, K]: got {list(a.shape)} and "
                          f"{list(b.shape)}")
-    _check_multiple("fp8_matmul operand a", a.shape, (1,), block)
+    check_multiple("fp8_matmul operand a", a.shape, (1,), block)
     if _GPU_GEMM is not None and a.is_cuda:
         return _GPU_GEMM(a, a_scales, b, b_scales, out_dtype, block)
     kb = a.shape[1] // block
@@ -178,13 +175,13 @@ def fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scale
     return out.to(out_dtype)
 
 
-def _pad_rows(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+def pad_rows(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """``x`` with zero rows appended up to a multiple of ``block`` (a ragged edge tile)."""
     extra = -x.shape[0] % block
     return F.pad(x, (0, 0, 0, extra)) if extra else x
 
 
-def _pad_cols(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+def pad_cols(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     extra = -x.shape[1] % block
     return F.pad(x, (0, extra)) if extra else x
 
@@ -197,165 +194,44 @@ def fprop(x2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
 
 def dgrad(g2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """``dy [T, N] @ W`` (W quantized ``[Np, K]``): dy in 1x128 tiles along N, W^T's blocks. fp32 ``[T, K]``."""
-    qg, sg = quantize_tiles(_pad_cols(g2))
+    qg, sg = quantize_tiles(pad_cols(g2))
     return fp8_matmul(qg, sg, qw.t(), sw.t())
 
 
-def wgrad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """``dy^T [N, T] @ x [T, K]``: both quantized along T in 1x128 tiles (T padded). fp32 ``[N, K]``."""
-    qg, sg = quantize_tiles(_pad_rows(g2).t())
-    qx, sx = quantize_tiles(_pad_rows(x2).t())
-    return fp8_matmul(qg, sg, qx, sx)
+def quantize_columns(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wgrad's operand from ``x2 [T, K]``: ``x2^T [K, T]`` in 1x128 tiles along T
+    (the report's 128x1 tiles; Transformer Engine's "columnwise" usage), T
+    zero-padded to a multiple of 128 for the scales. Returns (fp8 ``[K, T]``,
+    the padding left out, fp32 scales ``[K, ceil(T / 128)]``)."""
+    t = x2.shape[0]
+    data, scales = quantize_tiles(pad_rows(x2).t())
+    return (data if data.shape[1] == t else data[:, :t].contiguous()), scales
 
 
-class FP8Linear(torch.autograd.Function):
-    """``x @ W^T + b`` with Fprop, Dgrad and Wgrad through :func:`fp8_matmul`.
+def wgrad(g2: torch.Tensor, x_columns: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``dy^T [N, T] @ x [T, K]`` with x as :func:`quantize_columns` gave it and
+    dy quantized alike (T padded with zeros, which quantize to zeros).
+    fp32 ``[N, K]``."""
+    qg, sg = quantize_tiles(pad_rows(g2).t())
+    data, scales = x_columns
+    if data.shape[1] != qg.shape[1]:
+        data = F.pad(data, (0, qg.shape[1] - data.shape[1]))
+    return fp8_matmul(qg, sg, data, scales)
 
-    Inputs are quantized on the fly; the weight's master stays in its own
-    dtype. Like :class:`mtrain.runtime.wgrad._Linear`, the weight gradient is
-    queued in the captured step context's sink while it defers W.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        k = x.shape[-1]
-        if weight.dim() != 2 or weight.shape[1] != k:
-            raise ValueError(f"fp8_linear: weight of shape {list(weight.shape)} does not take inputs of shape "
-                             f"{list(x.shape)}")
-        _check_multiple("fp8_linear input", x.shape, (x.dim() - 1,), BLOCK)
-        n = weight.shape[0]
-        qw, sw = quantize_blocks(_pad_rows(weight.detach()))
-        y = fprop(x.reshape(-1, k), qw, sw)[:, :n].reshape(*x.shape[:-1], n).to(x.dtype)
-        ctx.save_for_backward(x, qw, sw)
-        ctx.param = weight  # deferred gradients must land on the real parameter (see _Linear)
-        ctx.step = current_step()
-        ctx.has_bias = bias is not None
-        ctx.weight_dtype = weight.dtype
-        return y + bias if bias is not None else y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, qw, sw = ctx.saved_tensors
-        k, n = x.shape[-1], grad_out.shape[-1]
-        g2 = grad_out.reshape(-1, n)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = dgrad(g2, qw, sw).reshape(x.shape).to(x.dtype)
-        if not ctx.needs_input_grad[1]:
-            return grad_x, None, None
-        x2 = x.reshape(-1, k)
-        grad_b = g2.sum(0) if ctx.has_bias else None
-        if defer_weight_grad(ctx.step, ctx.param, lambda: wgrad(g2, x2)):
-            return grad_x, None, grad_b
-        return grad_x, wgrad(g2, x2).to(ctx.weight_dtype), grad_b
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` through the FP8 reference GEMMs; its weight
-    gradient can be deferred like :func:`mtrain.runtime.wgrad.linear`'s."""
-    return FP8Linear.apply(x, weight, bias)
-
-
-# -- Routed experts: one FP8 linear per expert over rows grouped by expert ------------------------
 
 def quantize_expert_blocks(weight: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert weights ``[E, N, K]``: each expert's matrix in ``block x block``
-    blocks, its N zero-padded to a multiple of ``block`` (as :func:`fp8_linear`
-    pads one weight). Returns (fp8 ``[E, Np, K]``, fp32 scales ``[E, Np / block, K / block]``),
-    element for element what :func:`quantize_blocks` gives each padded expert."""
+    blocks, its N zero-padded to a multiple of ``block`` (as :func:`quantize_blocks`
+    of :func:`pad_rows`). Returns (fp8 ``[E, Np, K]``, fp32 scales
+    ``[E, Np / block, K / block]``), element for element what
+    :func:`quantize_blocks` gives each padded expert."""
     if weight.dim() != 3:
         raise ValueError(f"expert weights of shape {list(weight.shape)}: expected [experts, out_features, "
                          f"in_features]")
-    _check_multiple("expert weight", weight.shape, (2,), block)
+    check_multiple("expert weight", weight.shape, (2,), block)
     e, n, k = weight.shape
     w = F.pad(weight.detach(), (0, 0, 0, -n % block))
     np_ = w.shape[1]
     blocks = w.float().reshape(e, np_ // block, block, k // block, block)
     scales = _scale(blocks.abs().amax(dim=(2, 4)))
     return _to_fp8(blocks, scales[:, :, None, :, None]).reshape(e, np_, k), scales
-
-
-def _expert_slices(counts: list[int]):
-    """(expert, its rows) for every expert with rows; empty experts are skipped."""
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            yield e, slice(start, start + c)
-        start += c
-
-
-class FP8GroupedLinear(torch.autograd.Function):
-    """Rows ``x`` ``[R, K]`` grouped by expert (``counts[e]`` rows each) times
-    ``weight[e]^T`` (``[E, N, K]``): per expert, the Fprop, Dgrad and Wgrad of
-    :func:`fp8_linear` on that expert's rows, so an expert's ragged row count
-    is padded along T for its own Wgrad and an empty expert gets a zero weight
-    gradient. ``x_data``/``x_scales``: ``x``'s 1x128 tiles when the caller
-    already holds them (an FP8 dispatch payload); Fprop then uses them as they
-    are, the backward keeps them instead of ``x`` (their dequantized values,
-    rebuilt for it), and Wgrad quantizes those along T."""
-
-    @staticmethod
-    def forward(ctx, x, weight, counts, x_data, x_scales):
-        if weight.dim() != 3 or weight.shape[2] != x.shape[1] or x.dim() != 2:
-            raise ValueError(f"fp8_grouped_linear: expert weights of shape {list(weight.shape)} do not take rows "
-                             f"of shape {list(x.shape)}")
-        if len(counts) != weight.shape[0] or sum(counts) != x.shape[0]:
-            raise ValueError(f"fp8_grouped_linear: counts {counts} do not split {x.shape[0]} rows over "
-                             f"{weight.shape[0]} experts")
-        _check_multiple("fp8_grouped_linear input", x.shape, (1,), BLOCK)
-        n = weight.shape[1]
-        qw, sw = quantize_expert_blocks(weight)
-        # Rows that arrived as FP8 tiles are kept as those tiles (DeepSeek-V3 caches
-        # the experts' inputs in FP8): x is their dequantized value, so the
-        # backward gets it back bit for bit at about half the bytes of bf16.
-        ctx.from_tiles = x_data is not None
-        if x_data is None:
-            x_data, x_scales = quantize_tiles(x)
-        y = x.new_zeros(x.shape[0], n)
-        for e, rows in _expert_slices(counts):
-            y[rows] = fp8_matmul(x_data[rows], x_scales[rows], qw[e], sw[e])[:, :n].to(x.dtype)
-        if ctx.from_tiles:
-            ctx.save_for_backward(x_data, x_scales, qw, sw)
-        else:
-            ctx.save_for_backward(x, qw, sw)
-        ctx.x_dtype = x.dtype
-        ctx.param = weight  # deferred gradients must land on the real parameter (see wgrad._Linear)
-        ctx.step = current_step()
-        ctx.counts, ctx.weight_dtype = counts, weight.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.from_tiles:
-            x_data, x_scales, qw, sw = ctx.saved_tensors
-            x = dequantize_tiles(x_data, x_scales).to(ctx.x_dtype)
-        else:
-            x, qw, sw = ctx.saved_tensors
-        counts, n, k = ctx.counts, grad_out.shape[1], x.shape[1]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_zeros(x.shape)
-            for e, rows in _expert_slices(counts):
-                grad_x[rows] = dgrad(grad_out[rows], qw[e], sw[e]).to(x.dtype)
-        if not ctx.needs_input_grad[1]:
-            return grad_x, None, None, None, None
-
-        def weight_grad():
-            out = torch.zeros(len(counts), n, k, dtype=torch.float32, device=x.device)
-            for e, rows in _expert_slices(counts):
-                out[e] = wgrad(grad_out[rows], x[rows])
-            return out
-
-        if defer_weight_grad(ctx.step, ctx.param, weight_grad):
-            return grad_x, None, None, None, None
-        return grad_x, weight_grad().to(ctx.weight_dtype), None, None, None
-
-
-def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int],
-                       x_tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """The routed experts' grouped GEMM through the FP8 reference: equal, expert
-    by expert, to ``fp8_linear(x[rows of e], weight[e])``. ``x_tiles``: ``x``'s
-    (fp8 data, fp32 1x128 scales) if already quantized. Its weight gradient can
-    be deferred like :func:`fp8_linear`'s."""
-    data, scales = x_tiles if x_tiles is not None else (None, None)
-    return FP8GroupedLinear.apply(x, weight, [int(c) for c in counts], data, scales)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from mtrain.model.fp8 import fp8_linear
+from mtrain.model.fp8_linear import fp8_linear, fp8_swiglu_linear
 from mtrain.model.params import tag
 from mtrain.runtime.wgrad import linear
 
@@ -37,7 +37,7 @@ def tp_rank(group: Group) -> int:
 
 
 def local_linear(fp8: bool):
-    """This rank's GEMM of a linear layer: :func:`mtrain.model.fp8.fp8_linear`
+    """This rank's GEMM of a linear layer: :func:`mtrain.model.fp8_linear.fp8_linear`
     (``train.fp8=blockwise``, docs/fp8.md) or :func:`mtrain.runtime.wgrad.linear`.
     Both defer their weight gradient alike."""
     return fp8_linear if fp8 else linear
@@ -150,7 +150,7 @@ class ReplicatedLinear(nn.Module):
 
     Inside a TP region, wrap its output with :func:`copy_to_tp` where it feeds
     per-rank computation, so its gradient is summed over the ranks. ``fp8``:
-    the GEMMs run through :func:`mtrain.model.fp8.fp8_linear` (``in_f`` a
+    the GEMMs run through :func:`mtrain.model.fp8_linear.fp8_linear` (``in_f`` a
     multiple of 128).
     """
 
@@ -216,6 +216,15 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, -1, self.group)
         y = reduce_from_tp(local_linear(self.fp8)(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def forward_fp8_swiglu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``forward(swiglu(gate, up))`` of an FP8 layer whose input is this
+        rank's features, with the SwiGLU's inputs kept in FP8 and its output
+        recomputed in the backward (:func:`mtrain.model.fp8_linear.fp8_swiglu_linear`)."""
+        if not (self.fp8 and self.input_is_parallel):
+            raise ValueError("forward_fp8_swiglu needs fp8=True and input_is_parallel=True")
+        y = reduce_from_tp(fp8_swiglu_linear(gate, up, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
 
 

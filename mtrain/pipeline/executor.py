@@ -44,7 +44,7 @@ from mtrain.pipeline.p2p import PipeComm, RecvRequest
 from mtrain.pipeline.schedule_rules import num_model_stages, placement
 from mtrain.pipeline.schedules import build_schedule, forward_only
 from mtrain.pipeline.trace import OpRecord, RankTrace
-from mtrain.runtime.context import EventLog, StepContext, WeightGradSink
+from mtrain.runtime.context import EventLog, StepContext, WeightGradSink, weights_fixed
 from mtrain.runtime.program import Carry, Program, drain, run_overlapped, run_plain
 from mtrain.runtime.runner import Chunk, ChunkRunner
 
@@ -185,11 +185,12 @@ class PipelineExecutor:
         t_start = time.perf_counter()
         records: list[OpRecord] = []
         self.comm.post_recvs(self._recv_requests(ops[0], microbatches) if ops else [])
-        for i, ins in enumerate(ops):
-            if i + 1 < len(ops):
-                self.comm.post_recvs(self._recv_requests(ops[i + 1], microbatches))
-            records.append(self._run(ins))
-            self.comm.poll_sends()
+        with weights_fixed():  # every micro-batch shares one FP8 copy of each weight
+            for i, ins in enumerate(ops):
+                if i + 1 < len(ops):
+                    self.comm.post_recvs(self._recv_requests(ops[i + 1], microbatches))
+                records.append(self._run(ins))
+                self.comm.poll_sends()
         self.comm.finish()
         if self._pending_w:
             raise RuntimeError(f"input-only backwards without their W: {sorted(self._pending_w)}")
@@ -319,7 +320,7 @@ class PipelineExecutor:
                     for key, chunk in self.chunks.items()}
         ops = forward_only(self.schedule, self.pp, n, self.pp_rank)
         result, start = ForwardResult(), time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), weights_fixed():
             self.comm.post_recvs(self._recv_requests(ops[0], microbatches) if ops else [])
             for i, op in enumerate(ops):
                 if i + 1 < len(ops):

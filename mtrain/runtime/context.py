@@ -110,3 +110,34 @@ def maybe_recompute(enabled: bool, fn, *args):
             return fn(*a)
 
     return checkpoint(bound, *args, use_reentrant=False)
+
+
+# While one optimizer step's forwards and backwards run, no parameter changes
+# (the optimizer runs after them), so copies derived from the weights (their
+# FP8 blocks) can be made once and shared by every micro-batch. Process-wide,
+# not a context variable: backwards and their recomputations run in
+# autograd's threads.
+_FIXED_WEIGHTS: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def weights_fixed() -> Iterator[dict]:
+    """Declare that no parameter changes inside this block: one step's
+    micro-batches, forward and backward. Yields the cache that
+    :func:`fixed_weights_cache` returns inside it, dropped when the block ends.
+    A nested block shares the outer one's cache."""
+    global _FIXED_WEIGHTS
+    if _FIXED_WEIGHTS is not None:
+        yield _FIXED_WEIGHTS
+        return
+    _FIXED_WEIGHTS = {}
+    try:
+        yield _FIXED_WEIGHTS
+    finally:
+        _FIXED_WEIGHTS = None
+
+
+def fixed_weights_cache() -> Optional[dict]:
+    """The cache of the enclosing :func:`weights_fixed` block; None outside one
+    (then nothing derived from a weight may be kept)."""
+    return _FIXED_WEIGHTS

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mtrain.model import fp8
+from mtrain.model.fp8_linear import fp8_linear
 from mtrain.model.fp8_scaled_mm import scaled_mm_matmul, unavailable_reason
 
 pytestmark = pytest.mark.gpu
@@ -46,13 +47,13 @@ def test_fp8_linear_through_scaled_mm_matches_the_reference():
     x = torch.randn(300, 256, requires_grad=True)
     w = (torch.randn(384, 256) * 0.05).requires_grad_()
     fp8.use_fp8_backend("reference", torch.device("cpu"))
-    y = fp8.fp8_linear(x, w)
+    y = fp8_linear(x, w)
     y.square().sum().backward()
     want = (y.detach(), x.grad.clone(), w.grad.clone())
     xc, wc = x.detach().cuda().requires_grad_(), w.detach().cuda().requires_grad_()
     fp8.use_fp8_backend("scaled_mm", torch.device("cuda"))
     try:
-        yc = fp8.fp8_linear(xc, wc)
+        yc = fp8_linear(xc, wc)
         yc.square().sum().backward()
     finally:
         fp8.use_fp8_backend("reference", torch.device("cpu"))

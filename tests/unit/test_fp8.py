@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from mtrain.config.loading import load_config
-from mtrain.model.fp8 import (FP8_DTYPE, FP8_MAX, dequantize_blocks, dequantize_tiles, fp8_linear, fp8_matmul,
-                              quantize_blocks, quantize_tiles)
+from mtrain.model.fp8 import (FP8_DTYPE, FP8_MAX, dequantize_blocks, dequantize_tiles, fp8_matmul, quantize_blocks,
+                              quantize_tiles)
+from mtrain.model.fp8_linear import fp8_linear
 from mtrain.runtime.context import StepContext
 from mtrain.train.preflight import config_errors
 

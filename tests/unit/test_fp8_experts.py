@@ -9,9 +9,9 @@ import torch
 
 from mtrain.config.loading import load_config
 from mtrain.config.validate import fp8_width_errors
-from mtrain.model.fp8 import (dequantize_tiles, fp8_grouped_linear, fp8_linear, quantize_blocks,
-                              quantize_expert_blocks, quantize_tiles)
-from mtrain.model.mlp import swiglu
+from mtrain.model.activations import swiglu
+from mtrain.model.fp8 import dequantize_tiles, quantize_blocks, quantize_expert_blocks, quantize_tiles
+from mtrain.model.fp8_linear import fp8_grouped_linear, fp8_linear, fp8_swiglu_linear
 from mtrain.model.moe.deepep import dispatch_input, received_rows
 from mtrain.model.moe.dispatch import DispatchPlan
 from mtrain.model.moe.experts import GroupedExperts
@@ -145,12 +145,11 @@ def test_payload_round_trip_and_bytes():
 
 
 def _per_expert_forward(self, x, counts, tiles=None):
-    """The reference experts: fp8_linear per expert (on the rows as held)."""
+    """The reference experts: the plain FP8 layers per expert (on the rows as held)."""
     outs, start = [], 0
     for e, c in enumerate(counts):
         xe = x[start:start + c]
-        act = swiglu(fp8_linear(xe, self.gate[e]), fp8_linear(xe, self.up[e]))
-        outs.append(fp8_linear(act, self.down[e]))
+        outs.append(fp8_swiglu_linear(fp8_linear(xe, self.gate[e]), fp8_linear(xe, self.up[e]), self.down[e]))
         start += c
     return torch.cat(outs)
 
@@ -241,33 +240,3 @@ def test_fp8_moe_layer_runs_step_by_step_as_plain():
     grads = drain(backward_steps(rec, {"hidden": dy}))
     got = [final.hidden.detach(), grads["normed"]] + [p.grad for p in moe.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
-
-
-def test_rows_that_arrived_as_fp8_tiles_are_kept_as_tiles():
-    """An FP8 dispatch's rows are saved for the backward as their E4M3 tiles
-    (1 byte and 4/128 of a scale per element), not as the fp32/bf16 rows
-    dequantized from them; the weight gradient is the same bits either way."""
-    torch.manual_seed(0)
-    counts, hidden = [130, 0, 5, 61], 256
-    data, scales = quantize_tiles(torch.randn(sum(counts), hidden))
-    w = (torch.randn(len(counts), 128, hidden) * 0.05).requires_grad_()
-
-    def run(tiles):
-        rows = dequantize_tiles(data, scales).requires_grad_()
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fp8_grouped_linear(rows, w, counts, tiles)
-        w.grad = None
-        y.square().sum().backward()
-        return sum(saved), w.grad.clone()
-
-    plain_bytes, plain_grad = run(None)
-    cached_bytes, cached_grad = run((data, scales))
-    rows = sum(counts)
-    assert plain_bytes - cached_bytes == rows * hidden * 4 - (rows * hidden + rows * hidden // 128 * 4)
-    assert torch.equal(plain_grad, cached_grad)

@@ -6,7 +6,7 @@ import torch
 
 from mtrain.config.loading import load_config
 from mtrain.model.groups import ModelGroups
-from mtrain.model.fp8 import FP8Linear, fp8_linear
+from mtrain.model.fp8_linear import FP8Linear, fp8_linear
 from mtrain.model.model import ModelChunk, initialize
 from mtrain.model.tp import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from mtrain.pipeline.stages import model_groups

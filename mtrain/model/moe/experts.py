@@ -9,8 +9,8 @@ import torch.nn as nn
 from typing import Optional
 
 from mtrain.model.compiled import compiled, rows_vary
-from mtrain.model.fp8 import fp8_grouped_linear
-from mtrain.model.mlp import swiglu
+from mtrain.model.activations import swiglu
+from mtrain.model.fp8_linear import fp8_grouped_linear, fp8_swiglu_linear
 from mtrain.model.moe.gemm_backends import grouped_gemm_backend
 from mtrain.model.params import tag
 from mtrain.runtime.context import current_step
@@ -53,10 +53,11 @@ class GroupedExperts(nn.Module):
     expert_tp > 1, ``ffn`` is this rank's slice of the expert width: gate/up
     are split along dim 1, down along dim 2, and the output is a partial sum.
 
-    ``fp8``: the three projections run :func:`mtrain.model.fp8.fp8_grouped_linear`
-    (the FP8 reference, whatever ``grouped_gemm`` says); ``forward``'s ``tiles``
-    are the input rows' 1x128 FP8 tiles when the dispatch delivered them, used
-    by gate and up as they are."""
+    ``fp8``: the three projections run the FP8 reference
+    (:mod:`mtrain.model.fp8_linear`, whatever ``grouped_gemm`` says), the
+    SwiGLU's inputs kept in FP8 and its output recomputed for the backward;
+    ``forward``'s ``tiles`` are the input rows' 1x128 FP8 tiles when the
+    dispatch delivered them, used by gate and up as they are."""
 
     def __init__(self, num_local: int, hidden: int, ffn: int, init_std: float, grouped_gemm: str = "auto",
                  compile: bool = False, fp8: bool = False):
@@ -78,9 +79,9 @@ class GroupedExperts(nn.Module):
                 tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         counts, gemm = tokens_per_expert, self.grouped_gemm
         if self.fp8:
-            act = self._act(rows_vary(fp8_grouped_linear(x, self.gate, counts, tiles)),
-                            rows_vary(fp8_grouped_linear(x, self.up, counts, tiles)))
-            return fp8_grouped_linear(act, self.down, counts)
+            gate = rows_vary(fp8_grouped_linear(x, self.gate, counts, tiles))
+            up = rows_vary(fp8_grouped_linear(x, self.up, counts, tiles))
+            return fp8_swiglu_linear(gate, up, self.down, counts)
         act = self._act(rows_vary(grouped_linear(x, self.gate, counts, gemm)),
                         rows_vary(grouped_linear(x, self.up, counts, gemm)))
         return grouped_linear(act, self.down, counts, gemm)
