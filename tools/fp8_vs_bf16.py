@@ -13,7 +13,11 @@ both runs' ``metrics.jsonl``. It prints:
 - the relative difference of the mean LM loss over the last ``--window``
   steps (DeepSeek-V3 reports under 0.25 % at scale);
 - each run's wall time, and the FP8 run's GEMM census (which GEMM sites ran
-  FP8) when the trainer recorded one.
+  FP8) when the trainer recorded one;
+- with ``--spread-seed N``, a third run, the baseline with ``train.seed=N``
+  (another initialisation and data order), and the same difference between
+  the two baselines: how far two high-precision runs of this size drift
+  apart, the scale against which the FP8 difference is read.
 
 and writes a PNG of both loss curves and their relative difference.
 
@@ -45,7 +49,7 @@ MODEL = ["model.hidden_size=128", "model.q_lora_rank=128", "model.kv_lora_rank=1
 RUN = ["parallel=single", "train.micro_batch_size=8", "data.seq_len=128", "train.warmup_steps=20",
        "logging.wandb=false", "logging.progress=false", "logging.log_interval=50", "checkpoint.interval=100000",
        "cluster.gpus_per_node=1"]
-KINDS = ("baseline", "fp8")
+KINDS = ("baseline", "fp8", "spread")
 
 
 def _train(overrides: list[str], run_dir: str) -> int:
@@ -112,7 +116,13 @@ def table(cmp: dict, base_name: str, walls: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def plot(cmp: dict, base_name: str, path: Path, title: str) -> None:
+def _running_mean(values: list[float]) -> tuple[list[float], int]:
+    span = max(1, min(20, len(values) // 5))  # the per-step noise hides the trend
+    return [sum(values[max(0, i - span + 1):i + 1]) / len(values[max(0, i - span + 1):i + 1])
+            for i in range(len(values))], span
+
+
+def plot(cmp: dict, base_name: str, path: Path, title: str, spread: Optional[dict] = None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -128,9 +138,12 @@ def plot(cmp: dict, base_name: str, path: Path, title: str) -> None:
     top.grid(alpha=0.3)
     rel = [100 * cmp["rel"][s] for s in steps]
     bottom.plot(steps, rel, color="#c9a0dc", linewidth=0.6, label="per step")
-    span = max(1, min(20, len(rel) // 5))  # running mean: the per-step noise hides the trend
-    smooth = [sum(rel[max(0, i - span + 1):i + 1]) / len(rel[max(0, i - span + 1):i + 1]) for i in range(len(rel))]
+    smooth, span = _running_mean(rel)
     bottom.plot(steps, smooth, color="#7b3f99", linewidth=1.2, label=f"mean of {span} steps")
+    if spread is not None:
+        other = [100 * spread["rel"][s] for s in spread["steps"]]
+        bottom.plot(spread["steps"], _running_mean(other)[0], color="gray", linewidth=1.0, linestyle="--",
+                    label=f"{base_name}, another seed (mean of {span} steps)")
     bottom.axhline(0.0, color="black", linewidth=0.6)
     first, last = cmp["window"]
     bottom.hlines(100 * cmp["mean_rel"], first, last, colors="#b00020",
@@ -153,6 +166,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="run directories <out>/baseline and <out>/fp8 (emptied first)")
     parser.add_argument("--png", type=Path, help="default: <out>/fp8_vs_bf16.png")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per training run")
+    parser.add_argument("--spread-seed", type=int, help="also train the baseline with this train.seed, to show the "
+                        "run-to-run spread")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs (key=value)")
     return parser.parse_args(argv)
 
@@ -163,6 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     common = MODEL + RUN + [f"train.steps={args.steps}"] + list(args.overrides)
     runs = {"baseline": common + ["train.fp8=none"], "fp8": common + ["train.fp8=blockwise"]}
+    if args.spread_seed is not None:
+        runs["spread"] = common + ["train.fp8=none", f"train.seed={args.spread_seed}"]
     for kind, overrides in runs.items():
         errors = config_errors(load_config(overrides), world_size=1)
         if errors:
@@ -171,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_config(runs["baseline"])
     base_name = f"{resolve_dtype(cfg.train.dtype, 'gloo')} baseline"
     metrics, walls = {}, {}
-    for kind in KINDS:
+    for kind in (k for k in KINDS if k in runs):
         run_dir = args.out / kind
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"training {kind} ({args.steps} steps) in {run_dir} ...", file=sys.stderr, flush=True)
@@ -188,8 +205,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"FP8 GEMM sites: {census}; high precision: {rest}")
     print()
     print(table(cmp, base_name, walls))
+    spread = None
+    if "spread" in metrics:
+        spread = compare(metrics["baseline"], metrics["spread"], args.every, args.window)
+        first, last = spread["window"]
+        print(f"{base_name} with train.seed={args.spread_seed} against seed {cfg.train.seed}: mean LM loss over steps "
+              f"{first}-{last} {spread['fp8_mean']:.4f}, relative difference {100 * spread['mean_rel']:+.3f} % "
+              f"(run-to-run spread; wall {walls['spread']:.0f} s)")
     png = args.png or args.out / "fp8_vs_bf16.png"
-    plot(cmp, base_name, png, f"FP8 (blockwise) vs {base_name}\n{about}")
+    plot(cmp, base_name, png, f"FP8 (blockwise) vs {base_name}\n{about}", spread)
     print(f"\nplot: {png}")
     return 0
 

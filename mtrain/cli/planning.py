@@ -88,7 +88,8 @@ def _format_model(plan: dict) -> list[str]:
     for r in plan["memory"]:
         lines.append(
             f"  pp rank {r['pp_rank']}: {_count(r['params'])} params; weights {_bytes(r['weights'])} + "
-            f"grads {_bytes(r['grads'])} + optimizer {_bytes(r['optimizer'])} + activations "
+            + (f"their FP8 copy {_bytes(r['fp8_weights'])} + " if r["fp8_weights"] else "")
+            + f"grads {_bytes(r['grads'])} + optimizer {_bytes(r['optimizer'])} + activations "
             f"{_bytes(r['activations'])} ({r['peak_inflight_microbatches']} micro-batches in flight) "
             f"= {_bytes(r['total'])}"
         )

@@ -36,7 +36,6 @@ as in DeepSeek-V3's released weights (``kv_a_proj_with_mqa``: 576 rows).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

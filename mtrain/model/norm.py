@@ -8,10 +8,32 @@ from mtrain.model.compiled import compiled
 from mtrain.model.params import tag
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """Keeps only the input (in its own dtype) and one fp32 reciprocal RMS per
+    row for the backward, as fused RMSNorm kernels do, not the fp32 copies the
+    composed ops would keep (8 bytes per element for bf16 inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad = grad_out.float()
+        grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0).to(weight.dtype)
+        grad_normed = grad * weight.float()
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension, in fp32, cast back to ``x``'s dtype."""
+    return _RMSNormFunction.apply(x, weight, eps)
 
 
 class RMSNorm(nn.Module):

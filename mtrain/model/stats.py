@@ -166,14 +166,18 @@ def _split_share(m, pieces: dict[str, int], tp: int) -> float:
     return replicated + split / tp
 
 
+def _rank_modules(m, rank_stages: list[dict]) -> list[dict[str, int]]:
+    """The blocks and MTP modules of ``rank_stages``, by piece."""
+    modules = [layer_pieces(m, layer) for stage in rank_stages for layer in stage["layers"]]
+    return modules + [mtp_module_pieces(m) for stage in rank_stages if stage["mtp"]] * m.mtp_depth
+
+
 def rank_params(m, rank_stages: list[dict], tp: int, ep: int, expert_tp: int) -> tuple[float, float]:
     """(non-expert, routed-expert) parameters held by one rank holding ``rank_stages``
     (entries with ``layers``, ``embedding``, ``head``, ``mtp``). The vocabulary is
     split over tp; routed experts over ep (whole experts) and expert_tp (width)."""
     dense = expert = 0.0
-    modules = [layer_pieces(m, layer) for stage in rank_stages for layer in stage["layers"]]
-    modules += [mtp_module_pieces(m) for stage in rank_stages if stage["mtp"]] * m.mtp_depth
-    for pieces in modules:
+    for pieces in _rank_modules(m, rank_stages):
         dense += _split_share(m, pieces, tp)
         expert += pieces["moe_routed"] / (ep * expert_tp)
     for stage in rank_stages:
@@ -182,51 +186,78 @@ def rank_params(m, rank_stages: list[dict], tp: int, ep: int, expert_tp: int) ->
     return dense, expert
 
 
-FP8_ROW_BYTES_PER_ELEMENT = 1 + 4 / 128  # E4M3 data and one fp32 scale per 128 channels
+def rank_fp8_params(m, rank_stages: list[dict], tp: int, ep: int, expert_tp: int) -> float:
+    """Parameters of one rank whose GEMMs run FP8 under ``train.fp8=blockwise``:
+    every linear of the blocks and MTP modules, routed experts included; not
+    the embedding, head, router or norms (MLA's latent norm weights, a few
+    thousand per layer, are counted in)."""
+    total = 0.0
+    for pieces in _rank_modules(m, rank_stages):
+        total += _split_share(m, dict(pieces, norms=0, router=0), tp) + pieces["moe_routed"] / (ep * expert_tp)
+    return total
 
 
-def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int, routed_rows_ratio: float = 1.0) -> float:
-    """Activation elements one block keeps per token for its backward.
+FP8_ROW_BYTES_PER_ELEMENT = 1 + 4 / 128  # E4M3 data and one fp32 scale per 1x128 tile
+FP8_WEIGHT_BYTES_PER_PARAM = 1 + 4 / 128 ** 2  # E4M3 data and one fp32 scale per 128x128 block
 
-    Replicated over tp: the inputs and outputs of both RMSNorms (4h), the Q and
-    KV latents before and after their norms (selective recompute drops the
-    normed ones and recomputes them with the up-projections), router scores,
-    and in MoE blocks the top-k routed copies of the token and the experts'
-    outputs. Split over tp: q and k (after rope), the kv up-projection output
-    (the value is a view of it) and the attention output (a fused attention
-    kernel keeps no score matrix); the gate, up and gated product of the dense
-    or shared MLP. The routed experts' gate, up and product are split over
-    expert_tp. ``routed_rows_ratio`` scales the routed copies of the token:
-    under ``train.fp8=blockwise`` they arrive and stay in FP8 with their
-    scales (their bytes per element over the activation dtype's).
+
+def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int, fp8_ratio: float | None = None) -> float:
+    """Activation elements, in units of the activation dtype, one block keeps
+    per token for its backward. ``fp8_ratio``: under ``train.fp8=blockwise``,
+    the bytes of an FP8 element (with its scale) over the activation dtype's.
+
+    What the block's backward keeps: the two RMSNorms' inputs; each linear's
+    input (one copy for linears reading the same tensor; under FP8 its
+    tokenwise FP8 tiles instead: ``mtrain.model.fp8_linear``); the Q and KV
+    latents before their norms; the rope key; q and k after rope, the kv
+    up-projection's output (the value is a view of it) and the attention
+    output at the query/key head dim (the values are padded for the fused
+    kernel, ``mtrain.model.attention``; no score matrix); per SwiGLU width its
+    gate, silu(gate), up and product (under FP8 only gate and up, in FP8: the
+    rest is recomputed). MoE blocks: the router's input (high precision) and
+    scores, the shared experts' input under FP8 (their own tiles), the
+    ``moe_topk`` routed copies of the token and the experts' outputs (for the
+    combine). Selective recompute drops the normed latents. Not counted: the
+    norms' fp32 intermediates, softmax statistics and index tensors.
+    Replicated over tp unless split by heads or width; routed widths are
+    split over expert_tp.
     """
     h = m.hidden_size
+    fp8 = fp8_ratio is not None
+    kept_input = fp8_ratio if fp8 else 1.0  # bytes of a linear's kept input, per element
+    swiglu = 2 * fp8_ratio if fp8 else 4.0  # kept per SwiGLU width
     qk_head = m.qk_nope_head_dim + m.qk_rope_head_dim
-    latents = 2 * m.q_lora_rank + 2 * m.kv_lora_rank + m.qk_rope_head_dim
-    if m.recompute == "selective":
-        latents -= m.q_lora_rank + m.kv_lora_rank
-    replicated = 4 * h + latents
-    # The attention output is kept at the query/key head dim: the values are
-    # padded to it for the fused kernel (mtrain.model.attention).
+
+    replicated = 2 * h  # the RMSNorms' inputs
+    replicated += kept_input * h  # the attention norm's output: q_a and kv_a's input
+    replicated += m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim  # kv_a's and q_a's outputs
+    if m.recompute != "selective":
+        replicated += kept_input * (m.q_lora_rank + m.kv_lora_rank)  # q_b's and kv_b's inputs
     split = m.num_heads * (2 * qk_head + m.qk_nope_head_dim + m.v_head_dim + max(qk_head, m.v_head_dim))
+    split += kept_input * m.num_heads * m.v_head_dim  # o_proj's input
     experts = 0.0
     if dense:
-        split += 3 * m.ffn_hidden_size
+        replicated += kept_input * h  # the MLP's input
+        split += swiglu * m.ffn_hidden_size
     else:
-        split += 3 * m.num_shared_experts * m.moe_ffn_hidden_size
-        replicated += m.num_routed_experts + (1 + routed_rows_ratio) * m.moe_topk * h
-        experts = m.moe_topk * 3 * m.moe_ffn_hidden_size / expert_tp
+        replicated += h + m.num_routed_experts  # the router's input and scores
+        if m.num_shared_experts and fp8:
+            replicated += kept_input * h  # the shared experts' own tiles of that input
+        split += swiglu * m.num_shared_experts * m.moe_ffn_hidden_size
+        replicated += (kept_input + 1) * m.moe_topk * h  # routed copies in, experts' outputs back
+        experts = m.moe_topk * swiglu * m.moe_ffn_hidden_size / expert_tp
     return replicated + split / tp + experts
 
 
-def _chunk_activation_elements(m, stage: dict, tp: int, expert_tp: int, ratio: float = 1.0) -> float:
+def _chunk_activation_elements(m, stage: dict, tp: int, expert_tp: int, fp8_ratio: float | None = None) -> float:
     """Per-token activation elements of one stage chunk. Full recompute keeps
     only each block's input (the recompute working set is added once by
     :func:`memory_estimate`)."""
-    blocks = [layer_activation_elements(m, layer < m.first_k_dense, tp, expert_tp, ratio) for layer in stage["layers"]]
+    blocks = [layer_activation_elements(m, layer < m.first_k_dense, tp, expert_tp, fp8_ratio)
+              for layer in stage["layers"]]
     if stage["mtp"]:
         # Each module also keeps its two normed inputs, their concatenation and the projection.
-        mtp_block = layer_activation_elements(m, not has_moe(m), tp, expert_tp, ratio)
+        mtp_block = layer_activation_elements(m, not has_moe(m), tp, expert_tp, fp8_ratio)
         blocks += [mtp_block + 6 * m.hidden_size] * m.mtp_depth
     if m.recompute == "full":
         return len(blocks) * m.hidden_size
@@ -249,8 +280,10 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     rank with the head (vocab split over tp) and one block's working set under
     full recompute.
 
-    Under ``train.fp8=blockwise`` the routed copies of each token are kept
-    in FP8 with their scales (the dispatched rows the experts' backward reads).
+    Under ``train.fp8=blockwise`` the linears' kept inputs and the SwiGLUs'
+    inputs are FP8 with their scales (:func:`layer_activation_elements`), and
+    fp8_weights is the one FP8 copy of every FP8 weight that a step's
+    micro-batches share (``mtrain.model.fp8_linear``).
 
     ``train.dtype=auto`` is taken as the dtype it resolves to on the planned
     cluster: bf16 (GPUs), unless ``parallel.backend=gloo`` (fp32).
@@ -266,7 +299,8 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
     optimizer = per_param["optimizer"] * (dense / shards[0] + expert / shards[1])
 
     tokens = t.micro_batch_size * cfg.data.seq_len
-    ratio = FP8_ROW_BYTES_PER_ELEMENT / ACTIVATION_BYTES[dtype] if str(t.fp8) == "blockwise" else 1.0
+    fp8 = str(t.fp8) == "blockwise"
+    ratio = FP8_ROW_BYTES_PER_ELEMENT / ACTIVATION_BYTES[dtype] if fp8 else None
     chunk = max(_chunk_activation_elements(m, s, p.tp, p.expert_tp, ratio) for s in rank_stages)
     activations = peak_inflight_microbatches * chunk * tokens * ACTIVATION_BYTES[dtype]
     if any(s["head"] for s in rank_stages):
@@ -275,11 +309,13 @@ def memory_estimate(cfg, rank_stages: list[dict], peak_inflight_microbatches: in
         activations += (2 + m.mtp_depth) * tokens * (m.vocab_size / p.tp) * LOGITS_BYTES
     if m.recompute == "full":
         kinds = [dense for dense, present in ((True, m.first_k_dense > 0), (False, has_moe(m))) if present]
-        largest = max(layer_activation_elements(m, dense, p.tp, p.expert_tp) for dense in kinds)
+        largest = max(layer_activation_elements(m, dense, p.tp, p.expert_tp, ratio) for dense in kinds)
         activations += largest * tokens * ACTIVATION_BYTES[dtype]
     result = {
         "params": dense + expert,
         "weights": per_param["weights"] * (dense + expert),
+        "fp8_weights": FP8_WEIGHT_BYTES_PER_PARAM * rank_fp8_params(m, rank_stages, p.tp, p.ep, p.expert_tp)
+        if fp8 else 0,
         "grads": per_param["grads"] * (dense + expert),
         "optimizer": optimizer,
         "activations": activations,

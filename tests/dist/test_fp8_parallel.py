@@ -104,6 +104,8 @@ def _first_step(overrides, world):
 LAYOUTS = {  # DualPipe with tensor and with expert parallelism, 4 ranks each
     "dualpipe pp2 tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.ep=1"],
     "dualpipe pp2 ep2 dp2": ["parallel.pp=2", "parallel.ep=2"],
+    # All three at once: the expert group folded over the two TP ranks.
+    "dualpipe pp2 tp2 ep2": ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2"],
 }
 
 

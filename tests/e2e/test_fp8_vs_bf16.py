@@ -16,7 +16,7 @@ import fp8_vs_bf16  # noqa: E402
 def test_the_comparison_reports_its_runs_metrics(tmp_path, capsys):
     png = tmp_path / "curve.png"
     args = ["--steps", "4", "--every", "2", "--window", "3", "--out", str(tmp_path), "--png", str(png),
-            "train.micro_batch_size=2", "data.seq_len=32"]
+            "--spread-seed", "99", "train.micro_batch_size=2", "data.seq_len=32"]
     assert fp8_vs_bf16.main(args) == 0
     out = capsys.readouterr().out
     base = fp8_vs_bf16.read_metrics(tmp_path / "baseline")
@@ -40,6 +40,14 @@ def test_the_comparison_reports_its_runs_metrics(tmp_path, capsys):
                         r"([-+\d.]+) %", out)
     assert summary, out
     assert summary.groups() == (f"{mb:.4f}", f"{mf:.4f}", f"{100 * (mf - mb) / mb:+.3f}")
+    # The spread line: the baseline with another seed, against the first baseline.
+    other = fp8_vs_bf16.read_metrics(tmp_path / "spread")
+    mo = sum(other[s]["lm_loss"] for s in (2, 3, 4)) / 3
+    spread = re.search(r"fp32 baseline with train.seed=99 against seed \d+: mean LM loss over steps 2-4 ([\d.]+), "
+                       r"relative difference ([-+\d.]+) %", out)
+    assert spread, out
+    assert spread.groups() == (f"{mo:.4f}", f"{100 * (mo - mb) / mb:+.3f}")
+    assert other[1]["lm_loss"] != base[1]["lm_loss"]
     walls = re.search(r"wall time: fp32 baseline (\d+) s, FP8 (\d+) s", out)
     assert walls, out
     for run, wall in zip((base, fp8), walls.groups()):  # the whole run: at least its steps

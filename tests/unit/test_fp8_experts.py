@@ -9,7 +9,6 @@ import torch
 
 from mtrain.config.loading import load_config
 from mtrain.config.validate import fp8_width_errors
-from mtrain.model.activations import swiglu
 from mtrain.model.fp8 import dequantize_tiles, quantize_blocks, quantize_expert_blocks, quantize_tiles
 from mtrain.model.fp8_linear import fp8_grouped_linear, fp8_linear, fp8_swiglu_linear
 from mtrain.model.moe.deepep import dispatch_input, received_rows

@@ -217,3 +217,50 @@ def test_columns_drop_the_token_padding():
     assert data.shape == (128, 130) and scales.shape == (128, 2) and data.is_contiguous()
     full, full_scales = quantize_tiles(F.pad(x, (0, 0, 0, 126)).t())
     assert torch.equal(data.float(), full[:, :130].float()) and torch.equal(scales, full_scales)
+
+
+def _block_saved_per_token(fp8: bool, dense: bool, overrides=(), batch=2, seq=256):
+    from mtrain.config.loading import load_config
+    from mtrain.model.block import DecoderLayer
+    from mtrain.model.groups import ModelGroups
+    from mtrain.model.rope import rope_tables
+    from tests.unit.test_fp8 import FP8_TINY
+
+    cfg = load_config([*FP8_TINY, *overrides]).model
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg, 0 if dense else cfg.first_k_dense, ModelGroups(fp8=fp8))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
+    cos, sin = rope_tables(cfg, seq)
+    with Saved() as saved:
+        layer(x, cos, sin)
+    fp8_weights = sum(t.untyped_storage().nbytes() for t in saved.tensors if t.dim() == 3 and t.shape[0] >= 1
+                      and t.dtype == torch.float8_e4m3fn and t.shape[-1] % 128 == 0 and t.shape[-2] % 128 == 0
+                      and t.shape[-2] * t.shape[-1] > 0 and t.shape[1] != batch * seq)
+    # The block input is the caller's; the estimate counts it (the first norm's input).
+    kept = saved.bytes(exclude=[*layer.parameters(), cos, sin]) + x.numel() * x.element_size()
+    return cfg, kept / (batch * seq), fp8_weights
+
+
+def test_activation_estimate_follows_what_the_blocks_keep():
+    """The planner's per-token activation estimate against the bytes the
+    autograd graph of one dense and one MoE block really keeps (fp32 rows,
+    measured at two token counts so the weights' FP8 copies drop out): the
+    change FP8 brings is the estimate's to the percent, and the totals are
+    within the norms' intermediates the estimate leaves out."""
+    from mtrain.model.stats import FP8_ROW_BYTES_PER_ELEMENT, layer_activation_elements
+
+    ratio = FP8_ROW_BYTES_PER_ELEMENT / 4
+    for dense in (True, False):
+        measured = {}
+        for fp8 in (False, True):
+            cfg, small, _ = _block_saved_per_token(fp8, dense, batch=2)
+            _, large, _ = _block_saved_per_token(fp8, dense, batch=4)
+            measured[fp8] = 2 * large - small  # per token, without what does not grow with tokens
+        estimate = {fp8: 4 * layer_activation_elements(cfg, dense, 1, 1, ratio if fp8 else None)
+                    for fp8 in (False, True)}
+        saved_by_fp8 = measured[False] - measured[True]
+        assert abs(saved_by_fp8 - (estimate[False] - estimate[True])) < 0.01 * saved_by_fp8, (dense, measured, estimate)
+        for fp8 in (False, True):
+            assert 0.8 < estimate[fp8] / measured[fp8] <= 1.0, (dense, fp8, measured, estimate)

@@ -49,6 +49,30 @@ def test_rmsnorm_matches_formula_and_keeps_dtype():
     assert meta(norm.weight).no_decay
 
 
+def test_rmsnorm_gradients_and_what_it_keeps():
+    """Gradients equal autograd through the formula in float64; the backward
+    keeps the input in its own dtype and one fp32 value per row, nothing else."""
+    torch.manual_seed(1)
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+        dy = torch.randn(3, 5, 64, dtype=dtype)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = norm(x)
+        assert sorted((tuple(t.shape), t.dtype) for t in saved if t is not norm.weight) == \
+            [((3, 5, 1), torch.float32), ((3, 5, 64), dtype)]
+        norm.weight.grad = None
+        y.backward(dy)
+        x64 = x.detach().double().requires_grad_()
+        w64 = norm.weight.detach().double().requires_grad_()
+        (x64 * torch.rsqrt((x64 ** 2).mean(-1, keepdim=True) + 1e-6) * w64).backward(dy.double())
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=tol, atol=tol)
+
+
 # --- rope / YaRN ----------------------------------------------------------------------------
 
 def test_plain_rope_tables_match_formula():
