@@ -122,7 +122,9 @@ def format_prediction(pred: dict, efficiency) -> list[str]:
             f"  all-to-all per token: {t['remote_nodes_per_token']:.2f} other nodes (EP over {t['nodes_spanned']}, "
             f"at most {t['node_limit']} per token), {t['remote_gpus_per_token']:.2f} other GPUs; "
             f"{t['ib_sends_per_token']:.2f} InfiniBand + {t['nvlink_sends_per_token']:.2f} NVLink sends of "
-            f"{t['dispatch_bytes_per_send']:,.0f} B (dispatch) / {t['combine_bytes_per_send']:,.0f} B (combine)")
+            f"{t['dispatch_bytes_per_send']:,.0f} B (dispatch) / {t['combine_bytes_per_send']:,.0f} B (combine); "
+            f"backward {t['backward_bytes_per_send']:,.0f} B (output gradient) / "
+            f"{t['combine_bytes_per_send']:,.0f} B (input gradient)")
     lines.append("  op costs per micro-batch (ms): stage F (all-to-all) | B (all-to-all) | W")
     for i, c in enumerate(pred["stage_costs"]):
         lines.append(f"    stage {i}: {1e3 * c['F']:.3g} ({1e3 * c['F_comm']:.3g}) | {1e3 * c['B']:.3g} "

@@ -145,12 +145,15 @@ def exchange_seconds(m, s: Setting, hw: Hardware) -> tuple[float, float, dict]:
     dtype = torch.bfloat16 if s.dtype_bytes == 2 else torch.float32
     bf16 = payload_row_bytes(m.hidden_size, 0, dtype, fp8=False)  # the combine: the expert output
     dispatch = payload_row_bytes(m.hidden_size, m.moe_topk, dtype, fp8=s.fp8)  # the token with its gates
+    # The backward: the output gradient toward the experts (FP8 under train.fp8, as the
+    # dispatch) and the expert input's gradient back (high precision).
+    gradient = payload_row_bytes(m.hidden_size, 0, dtype, fp8=s.fp8)
     limit = m.max_nodes_per_token if 0 < m.max_nodes_per_token < nodes else nodes
     traffic = {"nodes_spanned": nodes, "node_limit": limit, "remote_nodes_per_token": d.remote_nodes,
                "remote_gpus_per_token": d.remote_gpus, "ib_sends_per_token": d.ib_sends,
                "nvlink_sends_per_token": d.nvlink_sends, "dispatch_bytes_per_send": dispatch,
-               "combine_bytes_per_send": bf16}
-    return one_way(dispatch) + one_way(bf16), 2 * one_way(bf16), traffic
+               "combine_bytes_per_send": bf16, "backward_bytes_per_send": gradient}
+    return one_way(dispatch) + one_way(bf16), one_way(gradient) + one_way(bf16), traffic
 
 
 def op_costs(m, s: Setting, stage: dict, hw: Hardware) -> dict:

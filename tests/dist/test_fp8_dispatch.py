@@ -1,6 +1,7 @@
 """FP8 dispatch payloads on the alltoall backend (docs/fp8.md): the tokens
 cross as E4M3 tiles with fp32 scales, the experts' Fprop uses them as they
-arrive, the combine and the backward stay high precision.
+arrive; in the backward the output gradient crosses toward the experts as
+FP8 tiles too; the combine and the expert input's gradient stay high precision.
 
 On 2 and 4 gloo ranks (one level, and two levels as 2 nodes x 2), the FP8
 MoE layer equals the single-process FP8 layer run on every rank's tokens at
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from mtrain.config.loading import load_config
 from mtrain.model.groups import ModelGroups
 from mtrain.model.model import initialize
-from mtrain.model.moe.fp8_dispatch import FP8PayloadOp, payload_row_bytes
+from mtrain.model.moe.fp8_dispatch import FP8GradientOp, FP8PayloadOp, payload_row_bytes
 from mtrain.model.moe.layer import MoELayer
 from mtrain.model.params import meta
 from mtrain.model.sharding import shard_tensor
@@ -87,6 +88,10 @@ def _worker(world: int, per_node, expert_tp: int):
     remote = _remote_rows(wire.inner, rank, per_node or world)
     out["bytes"] = {"fp8": remote * wire.row_bytes, "high": remote * after.row_bytes,
                     "row_fp8": wire.row_bytes, "row_high": after.row_bytes}
+    # The combine's backward: the output gradient toward the experts, the same rows as the dispatch.
+    wire_back, after_back = (p.combine_op for p in plans)
+    assert isinstance(wire_back, FP8GradientOp) and wire_back.on_wire and not after_back.on_wire
+    out["bytes"].update(back_fp8=wire_back.row_bytes, back_high=after_back.row_bytes)
     plan = plans[0]
     out["tokens_per_expert"] = plan.tokens_per_expert
     out["coords"] = coords
@@ -150,4 +155,5 @@ def test_fp8_dispatch_matches_single_process_and_quantizing_after(world, per_nod
         assert b["row_fp8"] == payload_row_bytes(hidden, topk, torch.float32, True) == hidden + hidden // 128 * 4 + topk * 4
         assert b["row_high"] == payload_row_bytes(hidden, topk, torch.float32, False) == (hidden + topk) * 4
         assert b["fp8"] * b["row_high"] == b["high"] * b["row_fp8"]
+        assert (b["back_fp8"], b["back_high"]) == (hidden + hidden // 128 * 4, hidden * 4)
     assert (sum(r["bytes"]["fp8"] for r in results) > 0) == (world > expert_tp)  # nothing crosses at ep=1

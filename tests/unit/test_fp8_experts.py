@@ -14,7 +14,7 @@ from mtrain.model.fp8_linear import fp8_grouped_linear, fp8_linear, fp8_swiglu_l
 from mtrain.model.moe.deepep import dispatch_input, received_rows
 from mtrain.model.moe.dispatch import DispatchPlan
 from mtrain.model.moe.experts import GroupedExperts
-from mtrain.model.moe.fp8_dispatch import FP8PayloadOp, decode, encode, payload_row_bytes
+from mtrain.model.moe.fp8_dispatch import FP8GradientOp, FP8PayloadOp, decode, encode, payload_row_bytes
 from mtrain.runtime.comm import IdentityOp
 from mtrain.runtime.context import StepContext
 from mtrain.train.metrics import gemm_precision_census, merge_censuses
@@ -239,3 +239,22 @@ def test_fp8_moe_layer_runs_step_by_step_as_plain():
     grads = drain(backward_steps(rec, {"hidden": dy}))
     got = [final.hidden.detach(), grads["normed"]] + [p.grad for p in moe.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_combine_backward_sends_the_gradient_as_fp8_tiles():
+    """The combine's forward is untouched; its transpose hands on exactly the
+    dequantized 1x128 tiles of the gradient, sent as E4M3 bytes plus scales
+    (or, off the wire, quantized on arrival: the same values)."""
+    torch.manual_seed(9)
+    rows, grad = torch.randn(5, 256), torch.randn(5, 256) * 1e-3
+    for on_wire in (True, False):
+        op = FP8GradientOp(IdentityOp(), on_wire)
+        assert op.start(rows).wait() is rows
+        got = op.start_transpose(grad).wait()
+        assert got.dtype == grad.dtype and torch.equal(got, dequantize_tiles(*quantize_tiles(grad)))
+        assert not torch.equal(got, grad)
+        assert op.row_bytes == (256 + 2 * 4 if on_wire else 256 * 4)
+    data, scales = quantize_tiles(grad)
+    back = decode(encode(data, scales), 256, 0, torch.float32)
+    assert back[2] is None and torch.equal(back[0].view(torch.uint8), data.view(torch.uint8))
+    assert torch.equal(back[1], scales)

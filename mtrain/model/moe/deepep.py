@@ -11,9 +11,11 @@ come back through ``combine``'s; the hidden states travel in bf16, or, with
 ``train.fp8=blockwise``, as DeepEP's FP8 form: a tuple of E4M3 data ``[T, H]``
 and fp32 scales ``[T, H / 128]`` (one per 1x128 tile, quantized here by
 :func:`mtrain.model.fp8.quantize_tiles`), which the experts' Fprop uses as it
-arrives (``DispatchPlan.received_tiles``). The combine and the dispatch's
-backward stay bf16. The FP8 form has not run here (no GPU): only its
-bookkeeping (:func:`dispatch_input`, :func:`received_rows`) is tested.
+arrives (``DispatchPlan.received_tiles``). The combine's backward (a cached
+``dispatch``) sends the output gradient in the same FP8 form; the combine
+and the dispatch's backward stay bf16. The FP8 form has not run here (no
+GPU): only its bookkeeping (:func:`dispatch_input`, :func:`received_rows`)
+is tested.
 
 One ``Buffer`` per EP group serves every MoE layer, sized from DeepEP's own
 size hints for the model's hidden size (NVLink bytes, and RDMA bytes beyond
@@ -160,9 +162,12 @@ class _CombineOp(CommOp):
 
     def start_transpose(self, grad):
         d = self.dispatch_op.d
-        recv, _, _, _, _, event = d.buffer.dispatch(grad.contiguous(), handle=self.dispatch_op.handle,
+        x = quantize_tiles(grad.contiguous()) if d.fp8 else grad.contiguous()
+        recv, _, _, _, _, event = d.buffer.dispatch(x, handle=self.dispatch_op.handle,
                                                     previous_event=d.capture(), async_finish=True,
                                                     allocate_on_comm_stream=True)
+        if isinstance(recv, tuple):
+            return Pending(None, finish=_waited(event, lambda: dequantize_tiles(*recv).to(grad.dtype)))
         return Pending(recv, finish=_waited(event, lambda: recv))
 
 

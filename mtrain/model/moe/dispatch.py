@@ -21,8 +21,9 @@ Backends register themselves here (:func:`register_dispatcher`): ``local``
 ``all_to_all_single`` with uneven splits, counts exchanged first; one or two
 levels; gloo and nccl) in this module, ``deepep`` (``deep_ep.Buffer``, GPU only) in
 :mod:`mtrain.model.moe.deepep`. With ``fp8`` (``train.fp8=blockwise``) the
-dispatch carries the hidden states as FP8 tiles
-(:mod:`mtrain.model.moe.fp8_dispatch`); the combine does not.
+dispatch carries the hidden states as FP8 tiles, and the combine's backward
+the output gradient (:mod:`mtrain.model.moe.fp8_dispatch`); the combine
+and the dispatch's backward do not.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from mtrain.model.moe.fp8_dispatch import FP8PayloadOp
+from mtrain.model.moe.fp8_dispatch import FP8GradientOp, FP8PayloadOp
 from mtrain.runtime.comm import AllToAllOp, CommOp, IdentityOp, TransposedOp, TwoHopOp
 
 
@@ -145,8 +146,10 @@ class Dispatcher:
     their node, one per node (both in EP order).
 
     ``fp8``: the dispatch sends the hidden states as FP8 1x128 tiles with their
-    scales (:class:`~mtrain.model.moe.fp8_dispatch.FP8PayloadOp`, also at ep=1,
-    so every EP size computes the same); ``fp8_on_wire=False`` quantizes on
+    scales (:class:`~mtrain.model.moe.fp8_dispatch.FP8PayloadOp`), and the
+    combine's backward sends the output gradient so
+    (:class:`~mtrain.model.moe.fp8_dispatch.FP8GradientOp`), also at ep=1, so
+    every EP size computes the same; ``fp8_on_wire=False`` quantizes on
     arrival instead (the same numbers, high-precision bytes on the wire).
     """
 
@@ -176,6 +179,7 @@ class Dispatcher:
         plan = self._plan(topk_idx)
         if self.fp8:
             plan.dispatch_op = FP8PayloadOp(plan.dispatch_op, plan, self.fp8_on_wire)
+            plan.combine_op = FP8GradientOp(plan.combine_op, self.fp8_on_wire)
         return plan
 
     def _plan(self, topk_idx: torch.Tensor) -> DispatchPlan:

@@ -1,10 +1,13 @@
-"""FP8 dispatch payloads: the tokens cross to their experts as FP8 tiles.
+"""FP8 dispatch payloads: what travels toward the experts travels as FP8 tiles.
 
 DeepSeek-V3 quantizes the activation entering the MoE up-projection before
-the dispatch (report §3.3), so the all-to-all carries FP8 data with one fp32
-scale per 1x128 tile, and the receiving experts' Fprop uses those tiles as
-they arrive; the combine and the dispatch's backward (the gradient of the
-expert input) stay in the high-precision dtype.
+the dispatch (report §3.3.3), so the all-to-all carries FP8 data with one
+fp32 scale per 1x128 tile, and the receiving experts' Fprop uses those tiles
+as they arrive. It does the same with the activation gradient entering the
+experts' down projection, which travels toward the experts in the backward
+(the combine's transpose). The combine itself and the dispatch's backward
+(the expert input's gradient, on its way back to the tokens) stay in the
+high-precision dtype.
 
 :class:`FP8PayloadOp` wraps a dispatcher's exchange (one- or two-level, or
 none for ep=1): it quantizes the hidden part of each sent row, packs the fp8
@@ -15,7 +18,9 @@ keeps its usual shape ``[N, H + k]`` with the hidden part dequantized (what a
 receiver holding only the payload knows), so the runtime, the gates and the
 backward see the same rows as without FP8. Quantizing is per row, so doing
 it before the exchange equals doing it after (``on_wire=False``, kept for
-comparison): the exchange only moves bits.
+comparison): the exchange only moves bits. :class:`FP8GradientOp` wraps the
+combine alike: its forward is the inner combine's, its transpose sends the
+output gradient's rows as FP8 tiles and hands on their dequantized values.
 """
 from __future__ import annotations
 
@@ -38,19 +43,20 @@ def payload_row_bytes(hidden: int, topk: int, dtype: torch.dtype, fp8: bool) -> 
     return hidden + hidden // BLOCK * SCALE_BYTES + topk * size
 
 
-def encode(data: torch.Tensor, scales: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """fp8 ``[P, H]``, fp32 scales ``[P, H / 128]`` and gates ``[P, k]`` -> one uint8 row each."""
-    parts = [data.contiguous().view(torch.uint8), scales.contiguous().view(torch.uint8),
-             gates.contiguous().view(torch.uint8)]
+def encode(data: torch.Tensor, scales: torch.Tensor, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp8 ``[P, H]``, fp32 scales ``[P, H / 128]`` and gates ``[P, k]`` (if any) -> one uint8 row each."""
+    parts = [data.contiguous().view(torch.uint8), scales.contiguous().view(torch.uint8)]
+    if gates is not None:
+        parts.append(gates.contiguous().view(torch.uint8))
     return torch.cat(parts, 1)
 
 
 def decode(payload: torch.Tensor, hidden: int, topk: int, dtype: torch.dtype):
-    """Inverse of :func:`encode`: (fp8 data, fp32 scales, gates in ``dtype``)."""
+    """Inverse of :func:`encode`: (fp8 data, fp32 scales, gates in ``dtype``; None when ``topk`` is 0)."""
     scale_bytes = hidden // BLOCK * SCALE_BYTES
     data, scales, gates = payload.split([hidden, scale_bytes, payload.shape[1] - hidden - scale_bytes], 1)
-    return (data.contiguous().view(FP8_DTYPE), scales.contiguous().view(torch.float32),
-            gates.contiguous().view(dtype).reshape(-1, topk))
+    gates = gates.contiguous().view(dtype).reshape(-1, topk) if topk else None
+    return data.contiguous().view(FP8_DTYPE), scales.contiguous().view(torch.float32), gates
 
 
 class FP8PayloadOp(CommOp):
@@ -84,3 +90,30 @@ class FP8PayloadOp(CommOp):
 
     def start_transpose(self, grad: torch.Tensor) -> Pending:
         return self.inner.start_transpose(grad)
+
+
+class FP8GradientOp(CommOp):
+    """The combine ``inner`` with its transpose's rows sent as FP8 tiles: the
+    gradient of the expert outputs' per-token sums, on its way to the experts
+    (whose down projection quantizes it for Dgrad anyway). ``start`` is
+    ``inner``'s, in high precision; ``start_transpose`` takes and returns
+    rows in the gradient's dtype, holding the dequantized tiles.
+    ``row_bytes``: the width in bytes of the rows of the last transpose."""
+
+    def __init__(self, inner: CommOp, on_wire: bool = True):
+        self.inner, self.on_wire = inner, on_wire
+        self.row_bytes: Optional[int] = None
+
+    def start(self, rows: torch.Tensor) -> Pending:
+        return self.inner.start(rows)
+
+    def start_transpose(self, grad: torch.Tensor) -> Pending:
+        hidden, dtype = grad.shape[1], grad.dtype
+        if not self.on_wire:
+            self.row_bytes = hidden * grad.element_size()
+            return self.inner.start_transpose(grad).then(
+                lambda got: dequantize_tiles(*quantize_tiles(got)).to(dtype))
+        payload = encode(*quantize_tiles(grad))
+        self.row_bytes = payload.shape[1]
+        return self.inner.start_transpose(payload).then(
+            lambda got: dequantize_tiles(*decode(got, hidden, 0, dtype)[:2]).to(dtype))
