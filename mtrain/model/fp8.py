@@ -174,6 +174,12 @@ def fp8_matmul(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scale
     return out.to(out_dtype)
 
 
+def fp8_rows(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``data[index]`` of an fp8 tensor, moved as bytes: not every device's
+    kernels take the float8 dtypes, every one takes uint8."""
+    return data.view(torch.uint8).index_select(0, index).view(data.dtype)
+
+
 def pad_rows(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """``x`` with zero rows appended up to a multiple of ``block`` (a ragged edge tile)."""
     extra = -x.shape[0] % block
@@ -204,7 +210,9 @@ def quantize_columns(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the padding left out, fp32 scales ``[K, ceil(T / 128)]``)."""
     t = x2.shape[0]
     data, scales = quantize_tiles(pad_rows(x2).t())
-    return (data if data.shape[1] == t else data[:, :t].contiguous()), scales
+    if data.shape[1] != t:
+        data = data.view(torch.uint8)[:, :t].contiguous().view(data.dtype)
+    return data, scales
 
 
 def wgrad(g2: torch.Tensor, x_columns: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -213,8 +221,8 @@ def wgrad(g2: torch.Tensor, x_columns: tuple[torch.Tensor, torch.Tensor]) -> tor
     fp32 ``[N, K]``."""
     qg, sg = quantize_tiles(pad_rows(g2).t())
     data, scales = x_columns
-    if data.shape[1] != qg.shape[1]:
-        data = F.pad(data, (0, qg.shape[1] - data.shape[1]))
+    if data.shape[1] != qg.shape[1]:  # as bytes: E4M3's zero is the zero byte
+        data = F.pad(data.view(torch.uint8), (0, qg.shape[1] - data.shape[1])).view(data.dtype)
     return fp8_matmul(qg, sg, data, scales)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from mtrain.model.fp8 import fp8_rows
 from mtrain.model.moe.dispatch import expert_major_index
 
 
@@ -99,7 +100,7 @@ def _gather_tiles(tiles: tuple, rows_per_rank: list[int], group, order: torch.Te
     data, scales = tiles
     data = all_gather_rows(data.view(torch.uint8), rows_per_rank, group).view(data.dtype)
     scales = all_gather_rows(scales, rows_per_rank, group)
-    return data.index_select(0, order), scales.index_select(0, order)
+    return fp8_rows(data, order), scales.index_select(0, order)
 
 
 def run_split_experts(experts, grouped: torch.Tensor, counts: tuple[torch.Tensor, list[list[int]]],

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 
+from mtrain.model.fp8 import fp8_rows
 from mtrain.model.groups import ModelGroups
 from mtrain.model.mlp import DenseMLP
 from mtrain.model.moe.dispatch import DispatchPlan, make_dispatcher
@@ -130,7 +131,8 @@ class MoELayer(nn.Module):
         grouped, gates = self.dispatcher.expand(received, plan)
         tiles = None
         if plan.received_tiles is not None:
-            tiles = tuple(t.index_select(0, plan.row_token) for t in plan.received_tiles)
+            data, scales = plan.received_tiles
+            tiles = fp8_rows(data, plan.row_token), scales.index_select(0, plan.row_token)
             if not self.recompute:  # read once, like the received rows (released after this step)
                 plan.received_tiles = None
         if self.expert_tp_group is None:
