@@ -144,14 +144,14 @@ class FP8Linear(torch.autograd.Function):
     uses them as they are."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts, x_data, x_scales):
+    def forward(ctx, x, weight, bias, counts, x_data, x_scales, for_backward):
         _check("fp8_linear", x, weight, counts)
         n, k = weight.shape[-2], x.shape[-1]
         x2 = x.reshape(-1, k)
         qw, sw = weight_blocks(weight)
         tiles = (x_data, x_scales) if x_data is not None else quantize_tiles(x2)
         y = _fprop(x2, tiles, qw, sw, counts, n).reshape(*x.shape[:-1], n)
-        columns = input_columns(x, counts)
+        columns = input_columns(x, counts) if for_backward else []  # nothing to keep without grad
         ctx.save_for_backward(qw, sw, *[t for pair in columns for t in pair])
         _remember(ctx, weight, counts)
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
@@ -169,7 +169,7 @@ class FP8Linear(torch.autograd.Function):
             grad_b = g2.sum(0)
         if ctx.needs_input_grad[1]:
             grad_w = _finish_weight_grad(ctx, lambda: _weight_grad(g2, columns, ctx.counts, ctx.weight_shape))
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class FP8SwiGLULinear(torch.autograd.Function):
@@ -179,7 +179,7 @@ class FP8SwiGLULinear(torch.autograd.Function):
     gradients of ``gate`` and ``up``."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, counts):
+    def forward(ctx, gate, up, weight, counts, for_backward):
         if gate.shape != up.shape:
             raise ValueError(f"fp8_swiglu_linear: gate {list(gate.shape)} and up {list(up.shape)} differ")
         _check("fp8_swiglu_linear", gate, weight, counts)
@@ -187,8 +187,8 @@ class FP8SwiGLULinear(torch.autograd.Function):
         h = swiglu(gate, up).reshape(-1, k)
         qw, sw = weight_blocks(weight)
         y = _fprop(h, quantize_tiles(h), qw, sw, counts, n).reshape(*gate.shape[:-1], n)
-        gate_tiles, up_tiles = quantize_tiles(gate.reshape(-1, k)), quantize_tiles(up.reshape(-1, k))
-        ctx.save_for_backward(qw, sw, *gate_tiles, *up_tiles)
+        if for_backward:
+            ctx.save_for_backward(qw, sw, *quantize_tiles(gate.reshape(-1, k)), *quantize_tiles(up.reshape(-1, k)))
         _remember(ctx, weight, counts)
         ctx.x_shape, ctx.x_dtype = gate.shape, gate.dtype
         return y
@@ -207,7 +207,7 @@ class FP8SwiGLULinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             columns = [quantize_columns(h.detach()[rows]) for _, rows in group_slices(ctx.counts)]
             grad_w = _finish_weight_grad(ctx, lambda: _weight_grad(g2, columns, ctx.counts, ctx.weight_shape))
-        return grad_gate.reshape(ctx.x_shape), grad_up.reshape(ctx.x_shape), grad_w, None
+        return grad_gate.reshape(ctx.x_shape), grad_up.reshape(ctx.x_shape), grad_w, None, None
 
 
 def _rows(x: torch.Tensor) -> list[int]:
@@ -217,7 +217,7 @@ def _rows(x: torch.Tensor) -> list[int]:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` through the FP8 reference GEMMs; its weight
     gradient can be deferred like :func:`mtrain.runtime.wgrad.linear`'s."""
-    return FP8Linear.apply(x, weight, bias, _rows(x), None, None)
+    return FP8Linear.apply(x, weight, bias, _rows(x), None, None, torch.is_grad_enabled())
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int],
@@ -227,7 +227,7 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int],
     expert to ``fp8_linear(x[rows of e], weight[e])``. ``x_tiles``: ``x``'s
     (fp8 data, fp32 1x128 scales) if already quantized."""
     data, scales = x_tiles if x_tiles is not None else (None, None)
-    return FP8Linear.apply(x, weight, None, [int(c) for c in counts], data, scales)
+    return FP8Linear.apply(x, weight, None, [int(c) for c in counts], data, scales, torch.is_grad_enabled())
 
 
 def fp8_swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
@@ -236,4 +236,4 @@ def fp8_swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor
     expert with ``counts`` and ``[E, N, K]`` weights; SwiGLU recomputed in the
     backward from its FP8-kept inputs."""
     counts = _rows(gate) if counts is None else [int(c) for c in counts]
-    return FP8SwiGLULinear.apply(gate, up, weight, counts)
+    return FP8SwiGLULinear.apply(gate, up, weight, counts, torch.is_grad_enabled())

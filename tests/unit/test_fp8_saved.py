@@ -264,3 +264,15 @@ def test_activation_estimate_follows_what_the_blocks_keep():
         assert abs(saved_by_fp8 - (estimate[False] - estimate[True])) < 0.01 * saved_by_fp8, (dense, measured, estimate)
         for fp8 in (False, True):
             assert 0.8 < estimate[fp8] / measured[fp8] <= 1.0, (dense, fp8, measured, estimate)
+
+
+def test_nothing_is_quantized_for_a_backward_under_no_grad():
+    torch.manual_seed(7)
+    x, w = torch.randn(64, 128), torch.randn(128, 128) * 0.05
+    with torch.no_grad():
+        y = fp8_linear(x, w)
+        z = fp8_swiglu_linear(x, x, w)
+    assert not hasattr(x, "_mtrain_fp8_columns")
+    assert torch.equal(y, fp8_linear(x, w.requires_grad_()).detach())
+    assert torch.equal(z, fp8_swiglu_linear(x, x, w).detach())
+
