@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mtrain.config.loading import run_app
-from mtrain.cli.planning import format_calibration, format_plan, format_prediction, format_search
+from mtrain.cli.planning import format_balanced, format_calibration, format_plan, format_prediction, format_search
 from mtrain.pipeline.schedule_rules import num_model_stages
 from mtrain.planner.hardware import profile_errors
 from mtrain.planner.plan import make_plan
@@ -75,6 +75,14 @@ def _app(cfg: DictConfig) -> None:
         sim = prediction.pop("simulation")
         plan["prediction"] = prediction
         lines += format_prediction(prediction, cfg.cluster.efficiency)
+        if calibration is None and cfg.parallel.pipeline_layout is None:
+            from mtrain.planner.balance import balanced_prediction
+
+            balanced = balanced_prediction(cfg)
+            if balanced is not None:
+                balanced.pop("simulation")
+                plan["balanced"] = balanced
+                lines.append(format_balanced(balanced, prediction))
         if cfg.plan.png:
             from mtrain.pipeline.render import render_timeline
 

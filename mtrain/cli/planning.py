@@ -136,6 +136,29 @@ def format_prediction(pred: dict, efficiency) -> list[str]:
     return lines
 
 
+def layer_counts(layout) -> str:
+    """Layers per stage, repeats folded: ``5 4x14 0``; ``even`` for the default split."""
+    if layout is None:
+        return "even"
+    runs = []
+    for n in layout:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return " ".join(f"{n}x{k}" if k > 1 else str(n) for n, k in runs)
+
+
+def format_balanced(balanced: dict, current: dict) -> str:
+    """One line: the cost-balanced layout's prediction against ``current``'s."""
+    change = balanced["gpu_hours_per_trillion_tokens"] / current["gpu_hours_per_trillion_tokens"] - 1
+    fits = "" if balanced["fits"] else "; memory does NOT fit"
+    return (f"  balanced by cost: parallel.pipeline_layout={balanced['layout']['pipeline_layout']} "
+            f"({layer_counts(balanced['layout']['pipeline_layout'])}): step {balanced['step_s']:.3g} s, bubble "
+            f"{_pct(balanced['bubble_ratio'])}, {balanced['gpu_hours_per_trillion_tokens']:,.0f} GPU-hours per "
+            f"trillion tokens ({100 * change:+.1f} %){fits}")
+
+
 def format_search(result: dict, top: int) -> str:
     """A table of the best layouts, then what bounds each of the first few."""
     ranked = result["ranked"]
@@ -144,13 +167,14 @@ def format_search(result: dict, top: int) -> str:
             f"{len(ranked)} ranked by predicted tokens/s per GPU")
     if not ranked:
         return head + "\nno layout fits: try more nodes, model.recompute=full, or a smaller micro_batch_size"
-    headers = ["#", "tp", "pp", "ep", "dp", "schedule", "micro-batches", "recompute", "fp8", "tokens/s/GPU", "MFU",
-               "GPU-h per 1T tokens", "step s", "bubble", "peak memory", "bound"]
+    headers = ["#", "tp", "pp", "ep", "dp", "schedule", "micro-batches", "layers/stage", "recompute", "fp8",
+               "tokens/s/GPU", "MFU", "GPU-h per 1T tokens", "step s", "bubble", "peak memory", "bound"]
     rows = []
     for i, r in enumerate(ranked[:top], 1):
         lay = r["layout"]
         rows.append([str(i), str(lay["tp"]), str(lay["pp"]), str(lay["ep"]), str(lay["dp"]), lay["schedule"],
-                     str(lay["num_microbatches"]), lay["recompute"], lay["fp8"], f"{r['tokens_per_s_per_gpu']:,.0f}",
+                     str(lay["num_microbatches"]), layer_counts(lay.get("pipeline_layout")), lay["recompute"],
+                     lay["fp8"], f"{r['tokens_per_s_per_gpu']:,.0f}",
                      _pct(r["mfu"]), f"{r['gpu_hours_per_trillion_tokens']:,.0f}", f"{r['step_s']:.3g}",
                      _pct(r["bubble_ratio"]), _bytes(max(m["bytes"] for m in r["memory"])), r["bound"]])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]

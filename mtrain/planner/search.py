@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtrain.planner.balance import balanced_prediction
 from mtrain.planner.hardware import hardware
 from mtrain.planner.plan import make_plan, model_facts
 from mtrain.planner.predict import predict
@@ -85,7 +86,11 @@ def fits(cfg, world: int, hbm_bytes: float) -> bool:
 
 def search(cfg, progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Ranked predictions (best first) of every layout that fits, and how many
-    were considered, refused by the config checks or too large."""
+    were considered, refused by the config checks or too large. The best
+    (twice ``plan.top``) are then tried with their stages balanced by cost
+    (:func:`mtrain.planner.balance.balanced_prediction`, unless the config
+    gives ``parallel.pipeline_layout``), kept so when that is faster and
+    fits."""
     hw = hardware(cfg.cluster)
     world = hw.world_size
     all_candidates = list(candidates(cfg, world))
@@ -101,8 +106,18 @@ def search(cfg, progress: Optional[Callable[[int, int], None]] = None) -> dict:
             continue
         result = predict(c, plan=make_plan(c, world))
         result.pop("simulation")
+        result["config"] = c
         feasible.append(result)
     feasible.sort(key=lambda r: -r["tokens_per_s_per_gpu"])
+    if cfg.parallel.pipeline_layout is None:
+        for i, result in enumerate(feasible[:2 * cfg.plan.top]):
+            balanced = balanced_prediction(result["config"], hw)
+            if balanced and balanced["fits"] and balanced["tokens_per_s_per_gpu"] > result["tokens_per_s_per_gpu"]:
+                balanced.pop("simulation")
+                feasible[i] = balanced
+        feasible.sort(key=lambda r: -r["tokens_per_s_per_gpu"])
+    for result in feasible:
+        result.pop("config", None)
     return {"considered": len(all_candidates), "refused": rejected, "too_big": too_big,
             "ranked": feasible, "hardware": hw.name, "world_size": world}
 

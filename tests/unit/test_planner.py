@@ -172,11 +172,13 @@ def test_search_proposes_only_layouts_the_plan_accepts_and_that_fit():
                      "parallel.dispatcher=alltoall", "train.global_batch_size=256", "train.micro_batch_size=1",
                      "data.seq_len=2048", f"parallel.tp={lay['tp']}", f"parallel.pp={lay['pp']}",
                      f"parallel.ep={lay['ep']}", f"parallel.schedule={lay['schedule']}",
-                     "parallel.num_microbatches=null", f"model.recompute={lay['recompute']}")
+                     "parallel.num_microbatches=null", f"model.recompute={lay['recompute']}",
+                     *([f"parallel.pipeline_layout={lay['pipeline_layout']}"] if lay["pipeline_layout"] else []))
         plan = make_plan(again)
         assert not plan["errors"], (lay, plan["errors"])
         assert all(m["total"] <= hardware(again.cluster).hbm_bytes for m in plan["memory"])
-    layouts = {tuple(sorted(r["layout"].items())) for r in ranked}
+        assert predict(again, plan=plan)["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"], rel=1e-9)
+    layouts = {tuple(sorted((k, str(v)) for k, v in r["layout"].items())) for r in ranked}
     assert len(layouts) == len(ranked)
     combos = set(itertools.product([1, 2], [1, 2, 4], [1, 8, 16]))
     assert {(r["layout"]["tp"], r["layout"]["pp"], r["layout"]["ep"]) for r in ranked} <= combos
@@ -211,3 +213,61 @@ def test_memory_counts_the_fp8_weight_copy_of_the_built_model():
     assert fp8["memory"][0]["fp8_weights"] == round(FP8_WEIGHT_BYTES_PER_PARAM * (fp8_params + latent_norms))
     assert plain["memory"][0]["fp8_weights"] == 0
     assert fp8["memory"][0]["activations"] < 0.75 * plain["memory"][0]["activations"]
+
+
+def _stage_seconds(cfg, layout):
+    """Each stage's predicted F + B for ``layout``, from op_costs of the whole stage."""
+    from mtrain.planner.balance import with_layout
+    from mtrain.planner.predict import estimated_costs
+
+    c = with_layout(cfg, layout)
+    return [x["F"] + x["B"] for x in estimated_costs(c, make_plan(c), hardware(c.cluster))]
+
+
+def _compositions(total, parts):
+    if parts == 1:
+        yield [total]
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield [first] + rest
+
+
+@pytest.mark.parametrize("schedule,pp", [("1f1b", 2), ("1f1b", 4), ("dualpipev", 2)])
+def test_balanced_layout_is_the_best_split(schedule, pp):
+    """Against every split of the layers (zero-layer stages included), none has
+    a slower slowest stage; the stage costs are the whole stages' own."""
+    from mtrain.planner.balance import balanced_layout
+    from mtrain.pipeline.schedule_rules import num_model_stages
+
+    cfg = _cfg("model=deepseek_v2_lite", "cluster=h100", "cluster.nodes=2", "train.dtype=bf16",
+               "parallel.dispatcher=alltoall", f"parallel.pp={pp}", f"parallel.schedule={schedule}", "parallel.ep=4",
+               "parallel.num_microbatches=8", "train.micro_batch_size=1", "data.seq_len=2048", "model.num_layers=7")
+    stages = num_model_stages(schedule, pp)
+    best = balanced_layout(cfg)
+    assert len(best) == stages and sum(best) == cfg.model.num_layers
+    slowest = max(_stage_seconds(cfg, best))
+    others = [max(_stage_seconds(cfg, c)) for c in _compositions(cfg.model.num_layers, stages)]
+    assert slowest == pytest.approx(min(others), rel=1e-12)
+    even = max(_stage_seconds(cfg, [len(s["layers"]) for s in make_plan(cfg)["stages"]]))
+    assert slowest <= even
+
+
+def test_balancing_unloads_deepseek_v3s_last_stage():
+    """V3 on 16 stages: the head and MTP stage gets fewer layers, the bubble and
+    the step shrink, and mtrain-plan prints the layout to use."""
+    from mtrain.planner.balance import balanced_prediction
+    from mtrain.cli.planning import format_balanced
+
+    cfg = _cfg("model=deepseek_v3", "cluster=h800", "cluster.nodes=256", "parallel.pp=16", "parallel.ep=64",
+               "parallel.dispatcher=deepep", "parallel.num_microbatches=null", "train.dtype=bf16",
+               "train.fp8=blockwise", "data.seq_len=4096", "train.global_batch_size=15360",
+               "train.micro_batch_size=1", "train.zero1=true", "model.recompute=selective")
+    even, balanced = predict(cfg), balanced_prediction(cfg)
+    layout = balanced["layout"]["pipeline_layout"]
+    assert sum(layout) == 61 and layout[-1] < 4
+    assert balanced["bubble_ratio"] < even["bubble_ratio"] and balanced["step_s"] < even["step_s"]
+    assert max(_stage_seconds(cfg, layout)) < max(c["F"] + c["B"] for c in even["stage_costs"])
+    line = format_balanced(balanced, even)
+    assert f"parallel.pipeline_layout={layout}" in line and "GPU-hours" in line
+
