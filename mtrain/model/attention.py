@@ -11,9 +11,12 @@ per-head computation (the normed latents inside the column layers, and
 ``k_pe``) passes through ``copy_to_tp``, so the gradients of the replicated
 weights and of the layer input are complete and equal on all TP ranks.
 
-Selective recompute (``cfg.recompute == "selective"``) drops the norm outputs
-and up-projection outputs after the forward and recomputes them in the
-backward, as DeepSeek-V3 did for its RMSNorm and MLA up-projections.
+Selective recompute (``cfg.recompute == "selective"``) keeps only the
+latents and ``k_pe``: the latent norms, the up-projections and the core's
+inputs built from them (q, k and v, which the attention core would keep)
+are recomputed just before the core's backward, into the storage the core
+saved (:class:`mtrain.runtime.rebuild.Rebuilt`), as DeepSeek-V3 recomputes
+its RMSNorm and MLA up-projections.
 
 The attention core is ``scaled_dot_product_attention``. Its fused (flash)
 kernels, on CUDA and on CPU, need the value head dim equal to the query/key
@@ -37,7 +40,7 @@ from mtrain.model.norm import RMSNorm
 from mtrain.model.rope import apply_rope, softmax_scale
 from mtrain.model.tp import (ColumnParallelLinear, Group, ReplicatedLinear, RowParallelLinear, copy_to_tp, divide,
                              tp_size)
-from mtrain.runtime.context import maybe_recompute
+from mtrain.runtime.rebuild import Rebuilt
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +89,34 @@ class MLAttention(nn.Module):
         # k_pe feeds only this rank's heads: sum its gradient over the TP ranks.
         k_pe = copy_to_tp(k_pe, self.tp_group)
 
-        q, kv = maybe_recompute(self.selective_recompute, self._up_project, q_in, kv_latent)
-
         _log_attention_form(x.device.type, self.v_dim < self.nope_dim + self.rope_dim, self.v_dim,
                             self.nope_dim + self.rope_dim)
+        if self.selective_recompute and torch.is_grad_enabled():
+            return self.o_proj(self._rebuilt_core(q_in, kv_latent, k_pe, cos, sin))
+        q, kv = self._up_project(q_in, kv_latent)
         out = self._heads(q, kv, k_pe, cos, sin, self.num_local_heads, self.nope_dim, self.rope_dim, self.v_dim,
                           self.scale)
         return self.o_proj(out)
 
+    def _rebuilt_core(self, q_in, kv_latent, k_pe, cos, sin) -> torch.Tensor:
+        """The attention core on q, k and v that are dropped after its forward
+        and rebuilt from the latents before its backward (selective recompute)."""
+        def build(q_in, kv_latent, k_pe):
+            q, kv = self._up_project(q_in, kv_latent)
+            return core_inputs(q, kv, k_pe, cos, sin, self.num_local_heads, self.nope_dim, self.rope_dim, self.v_dim)
 
-def attention_heads(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    heads: int, nope_dim: int, rope_dim: int, v_dim: int, scale: float) -> torch.Tensor:
-    """Everything between the up-projections and ``o_proj``: split the heads,
-    rotate the rope parts, causal attention; ``[B, S, heads * v_dim]``."""
+        rebuilt = Rebuilt(build, q_in, kv_latent, k_pe)
+        out = F.scaled_dot_product_attention(*rebuilt.outputs, is_causal=True, scale=self.scale)
+        rebuilt.release_after(out)
+        batch, seq = q_in.shape[:2]
+        return out[..., :self.v_dim].transpose(1, 2).reshape(batch, seq, self.num_local_heads * self.v_dim)
+
+
+def core_inputs(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                heads: int, nope_dim: int, rope_dim: int, v_dim: int) -> tuple[torch.Tensor, ...]:
+    """The attention core's q, k and v ``[B, heads, S, dim]`` from the
+    up-projections' outputs: split the heads, rotate the rope parts, the
+    values zero-padded to the query/key dim (the fused kernel's form)."""
     batch, seq = q.shape[:2]
     q_nope, q_pe = q.view(batch, seq, heads, -1).split([nope_dim, rope_dim], dim=-1)
     k_nope, v = kv.view(batch, seq, heads, -1).split([nope_dim, v_dim], dim=-1)
@@ -106,8 +124,19 @@ def attention_heads(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: 
     k_pe = apply_rope(k_pe.view(batch, seq, 1, rope_dim), cos, sin)
     q = torch.cat([q_nope, q_pe], dim=-1)
     k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], dim=-1)
-    out = attention_core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
-    return out.transpose(1, 2).reshape(batch, seq, heads * v_dim)
+    if v_dim < nope_dim + rope_dim:
+        v = F.pad(v, (0, nope_dim + rope_dim - v_dim))
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attention_heads(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    heads: int, nope_dim: int, rope_dim: int, v_dim: int, scale: float) -> torch.Tensor:
+    """Everything between the up-projections and ``o_proj``: :func:`core_inputs`,
+    causal attention; ``[B, S, heads * v_dim]``."""
+    batch, seq = q.shape[:2]
+    out = F.scaled_dot_product_attention(*core_inputs(q, kv, k_pe, cos, sin, heads, nope_dim, rope_dim, v_dim),
+                                         is_causal=True, scale=scale)
+    return out[..., :v_dim].transpose(1, 2).reshape(batch, seq, heads * v_dim)
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -201,24 +201,27 @@ FP8_ROW_BYTES_PER_ELEMENT = 1 + 4 / 128  # E4M3 data and one fp32 scale per 1x12
 FP8_WEIGHT_BYTES_PER_PARAM = 1 + 4 / 128 ** 2  # E4M3 data and one fp32 scale per 128x128 block
 
 
-def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int, fp8_ratio: float | None = None) -> float:
+def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int, fp8_ratio: float | None = None,
+                              recompute: str | None = None) -> float:
     """Activation elements, in units of the activation dtype, one block keeps
     per token for its backward. ``fp8_ratio``: under ``train.fp8=blockwise``,
     the bytes of an FP8 element (with its scale) over the activation dtype's.
+    ``recompute``: ``model.recompute`` to count for (default ``m``'s own).
 
     What the block's backward keeps: the two RMSNorms' inputs; each linear's
     input (one copy for linears reading the same tensor; under FP8 its
     tokenwise FP8 tiles instead: ``mtrain.model.fp8_linear``); the Q and KV
-    latents before their norms; the rope key; q and k after rope, the kv
-    up-projection's output (the value is a view of it) and the attention
-    output at the query/key head dim (the values are padded for the fused
-    kernel, ``mtrain.model.attention``; no score matrix); per SwiGLU width its
+    latents before their norms; the rope key; the attention core's q, k and
+    v and its output, v and the output at the query/key head dim (the values
+    are padded for the fused kernel, ``mtrain.model.attention``; no score
+    matrix); per SwiGLU width its
     gate, silu(gate), up and product (under FP8 only gate and up, in FP8: the
     rest is recomputed). MoE blocks: the router's input (high precision) and
     scores, the shared experts' input under FP8 (their own tiles), the
     ``moe_topk`` routed copies of the token and the experts' outputs (for the
-    combine). Selective recompute drops the normed latents. Not counted: the
-    norms' fp32 intermediates, softmax statistics and index tensors.
+    combine). Selective recompute drops the normed latents and the core's q,
+    k and v (rebuilt from the latents before the core's backward). Not
+    counted: reciprocal RMS values, softmax statistics and index tensors.
     Replicated over tp unless split by heads or width; routed widths are
     split over expert_tp.
     """
@@ -228,12 +231,15 @@ def layer_activation_elements(m, dense: bool, tp: int, expert_tp: int, fp8_ratio
     swiglu = 2 * fp8_ratio if fp8 else 4.0  # kept per SwiGLU width
     qk_head = m.qk_nope_head_dim + m.qk_rope_head_dim
 
+    core = max(qk_head, m.v_head_dim)  # the values (and so the output) padded to the query/key dim
+    selective = str(m.recompute if recompute is None else recompute) == "selective"
+
     replicated = 2 * h  # the RMSNorms' inputs
     replicated += kept_input * h  # the attention norm's output: q_a and kv_a's input
     replicated += m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim  # kv_a's and q_a's outputs
-    if m.recompute != "selective":
+    if not selective:
         replicated += kept_input * (m.q_lora_rank + m.kv_lora_rank)  # q_b's and kv_b's inputs
-    split = m.num_heads * (2 * qk_head + m.qk_nope_head_dim + m.v_head_dim + max(qk_head, m.v_head_dim))
+    split = m.num_heads * (core if selective else 2 * qk_head + 2 * core)  # the core's output (and q, k, v)
     split += kept_input * m.num_heads * m.v_head_dim  # o_proj's input
     experts = 0.0
     if dense:

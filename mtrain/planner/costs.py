@@ -93,7 +93,8 @@ def block_work(m, s: Setting, dense: bool) -> Work:
         # Balanced routing: every GPU computes as many expert rows as its tokens send.
         w.routed_flops += 2 * (t / tp) * m.moe_topk * swiglu_params(m.hidden_size, m.moe_ffn_hidden_size)
         w.moe_layers = 1
-    elements = layer_activation_elements(m, dense, tp, s.expert_tp)
+    # The elementwise ops' traffic: what a block produces, whatever recompute keeps of it.
+    elements = layer_activation_elements(m, dense, tp, s.expert_tp, recompute="none")
     w.memory_bytes = 2 * elements * t * s.dtype_bytes
     if tp > 1:
         w.tp_bytes = 2 * t * m.hidden_size * s.dtype_bytes

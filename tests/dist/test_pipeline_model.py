@@ -82,6 +82,12 @@ CASES = {
     "dualpipev pp2 ep2 dp2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipev", "parallel.num_microbatches=4"]),
     "dualpipe pp4": (4, ["parallel.pp=4", "parallel.ep=1", "parallel.schedule=dualpipe", "parallel.num_microbatches=8"]),
     "1f1b pp4": (4, ["parallel.pp=4", "parallel.ep=1", "parallel.schedule=1f1b", "parallel.num_microbatches=4"]),
+    # Selective recompute rebuilds the attention core's inputs inside the backward
+    # (deferred W under zb1p, overlapped F&B under DualPipe).
+    "zb1p pp2 tp2 ep2 selective": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2", "parallel.schedule=zb1p",
+                                       "parallel.num_microbatches=4", "model.recompute=selective"]),
+    "dualpipe pp2 ep2 dp2 selective": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe",
+                                           "parallel.num_microbatches=4", "model.recompute=selective"]),
 }
 
 

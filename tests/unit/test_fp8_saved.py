@@ -246,24 +246,30 @@ def _block_saved_per_token(fp8: bool, dense: bool, overrides=(), batch=2, seq=25
 def test_activation_estimate_follows_what_the_blocks_keep():
     """The planner's per-token activation estimate against the bytes the
     autograd graph of one dense and one MoE block really keeps (fp32 rows,
-    measured at two token counts so the weights' FP8 copies drop out): the
-    change FP8 brings is the estimate's to the percent, and the totals are
-    within the norms' intermediates the estimate leaves out."""
+    measured at two token counts so the weights' FP8 copies drop out), with
+    and without FP8 and selective recompute: what FP8 and what selective
+    recompute save are the estimate's to the percent, and the totals are
+    within what the estimate leaves out (reciprocal RMS values, softmax
+    statistics, router internals)."""
     from mtrain.model.stats import FP8_ROW_BYTES_PER_ELEMENT, layer_activation_elements
 
     ratio = FP8_ROW_BYTES_PER_ELEMENT / 4
     for dense in (True, False):
-        measured = {}
+        measured, estimate = {}, {}
         for fp8 in (False, True):
-            cfg, small, _ = _block_saved_per_token(fp8, dense, batch=2)
-            _, large, _ = _block_saved_per_token(fp8, dense, batch=4)
-            measured[fp8] = 2 * large - small  # per token, without what does not grow with tokens
-        estimate = {fp8: 4 * layer_activation_elements(cfg, dense, 1, 1, ratio if fp8 else None)
-                    for fp8 in (False, True)}
-        saved_by_fp8 = measured[False] - measured[True]
-        assert abs(saved_by_fp8 - (estimate[False] - estimate[True])) < 0.01 * saved_by_fp8, (dense, measured, estimate)
-        for fp8 in (False, True):
-            assert 0.8 < estimate[fp8] / measured[fp8] <= 1.0, (dense, fp8, measured, estimate)
+            for recompute in ("none", "selective"):
+                overrides = [f"model.recompute={recompute}"]
+                cfg, small, _ = _block_saved_per_token(fp8, dense, overrides, batch=2)
+                _, large, _ = _block_saved_per_token(fp8, dense, overrides, batch=4)
+                measured[fp8, recompute] = 2 * large - small  # per token, without what does not grow with tokens
+                estimate[fp8, recompute] = 4 * layer_activation_elements(cfg, dense, 1, 1, ratio if fp8 else None)
+        for a, b in (((False, "none"), (True, "none")), ((False, "none"), (False, "selective")),
+                     ((True, "none"), (True, "selective"))):
+            saved = measured[a] - measured[b]
+            assert saved > 0 and abs(saved - (estimate[a] - estimate[b])) < 0.01 * saved, (dense, a, b, measured,
+                                                                                           estimate)
+        for key in measured:
+            assert 0.85 < estimate[key] / measured[key] <= 1.0, (dense, key, measured, estimate)
 
 
 def test_nothing_is_quantized_for_a_backward_under_no_grad():
