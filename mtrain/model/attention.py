@@ -105,9 +105,10 @@ class MLAttention(nn.Module):
             q, kv = self._up_project(q_in, kv_latent)
             return core_inputs(q, kv, k_pe, cos, sin, self.num_local_heads, self.nope_dim, self.rope_dim, self.v_dim)
 
-        rebuilt = Rebuilt(build, q_in, kv_latent, k_pe)
-        out = F.scaled_dot_product_attention(*rebuilt.outputs, is_causal=True, scale=self.scale)
-        rebuilt.release_after(out)
+        rebuilt = Rebuilt(build)
+        q, k, v = rebuilt(q_in, kv_latent, k_pe)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        rebuilt.release_after(out, (q, k, v))
         batch, seq = q_in.shape[:2]
         return out[..., :self.v_dim].transpose(1, 2).reshape(batch, seq, self.num_local_heads * self.v_dim)
 

@@ -43,8 +43,7 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        rebuilt = ctx.rebuilt
-        inputs, outputs = rebuilt.take_graph()
+        inputs, outputs = ctx.rebuilt.take_graph()
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -52,22 +51,33 @@ class _Recompute(torch.autograd.Function):
 
 
 class Rebuilt:
-    """The outputs of ``fn(*inputs)`` (``.outputs``, a tuple of tensors) that
-    :meth:`release_after` drops and the backward rebuilds (module doc).
-    ``inputs`` are kept; ``fn`` must compute the same values each time."""
+    """``fn``'s outputs that :meth:`release_after` drops and the backward
+    rebuilds (module doc); ``fn`` must compute the same values each time.
 
-    def __init__(self, fn: Callable, *inputs: torch.Tensor):
-        self.fn, self.inputs, self.step = fn, inputs, current_step()
+    It holds ``fn``'s inputs and the outputs' storage, never the output
+    tensors: their ``grad_fn`` holds it, and a reference back would be a
+    cycle through autograd's graph that Python's collector cannot free."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.step = fn, current_step()
+        self.inputs: tuple = ()
         self._storages: list = []
         self._graph = None
-        self.outputs = _Recompute.apply(self, *inputs)
 
-    def release_after(self, consumed: torch.Tensor) -> None:
-        """Free the outputs' storage now; refill it when the backward reaches
-        ``consumed`` (an output of the op that saved them), before that op's
-        own backward runs."""
+    def __call__(self, *inputs: torch.Tensor) -> tuple:
+        """``fn(*inputs)``, its outputs recomputed for the backward."""
+        self.inputs = inputs
+        return _Recompute.apply(self, *inputs)
+
+    def release_after(self, consumed: torch.Tensor, outputs: tuple) -> None:
+        """Free the storage of ``outputs`` (what :meth:`__call__` returned) now;
+        refill it when the backward reaches ``consumed`` (an output of the op
+        that saved them), before that op's own backward runs. Nothing to do
+        when ``consumed`` has no backward (nothing requires a gradient)."""
+        if consumed.grad_fn is None:
+            return
         seen = set()
-        for t in self.outputs:
+        for t in outputs:
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
@@ -87,14 +97,17 @@ class Rebuilt:
         for t in outputs:
             fresh.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
         for (storage, nbytes), new in zip(self._storages, fresh.values()):
-            storage.resize_(nbytes)
-            storage.copy_(new)
+            if storage.nbytes() == 0:  # a second backward (retain_graph) finds it filled
+                storage.resize_(nbytes)
+                storage.copy_(new)
         self._graph = (inputs, outputs)
 
     def take_graph(self):
-        """The rebuilt (inputs, outputs) with their graph, once (rebuilt now if
-        the consumer's backward did not run first)."""
+        """The rebuilt (inputs, outputs) with their graph, once per backward
+        (rebuilt now if the consumer's backward did not run first). The
+        consumer's backward is done by now: the refilled storage is left to
+        its saved tensors, which autograd frees."""
         self._refill()
         graph, self._graph = self._graph, None
-        self.inputs = ()
+        self._storages = []
         return graph
