@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from mtrain.parallel.groups import TIMEOUT_WARMUP
+from mtrain.train.checkpoint_files import step_of
 
 FAULTS = ("kill9", "term", "flip")
 # The collective timeout is sized to these tiny steps (collective_timeout_s=null): a floor of 10 s,
@@ -100,7 +101,9 @@ def alive(pid: int) -> bool:
 def resume_step(run_dir: Path) -> int:
     """The step a launch resumes from (at most): the newest checkpoint's."""
     latest = run_dir / "checkpoints" / "latest"
-    return int(latest.read_text().strip().rsplit("_", 1)[1]) if latest.exists() else 0
+    if not latest.exists():
+        return 0
+    return step_of(latest.read_text().strip()) or 0
 
 
 def stop_step(run_dir: Path, at: int, steps: int, interval: int) -> int | None:
@@ -172,7 +175,7 @@ def wait_for_step(run: subprocess.Popen, run_dir: Path, step: int, timeout: floa
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints not set aside nor half-written (``step_<n>`` only)."""
     root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and "." not in p.name) if root.exists() else []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and step_of(p) is not None) if root.exists() else []
 
 
 def flip_newest_checkpoint(run_dir: Path, rng: random.Random) -> str:

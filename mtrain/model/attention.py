@@ -109,8 +109,7 @@ class MLAttention(nn.Module):
         q, k, v = rebuilt(q_in, kv_latent, k_pe)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         rebuilt.release_after(out, (q, k, v))
-        batch, seq = q_in.shape[:2]
-        return out[..., :self.v_dim].transpose(1, 2).reshape(batch, seq, self.num_local_heads * self.v_dim)
+        return merge_heads(out, self.v_dim)
 
 
 def core_inputs(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -134,9 +133,14 @@ def attention_heads(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: 
                     heads: int, nope_dim: int, rope_dim: int, v_dim: int, scale: float) -> torch.Tensor:
     """Everything between the up-projections and ``o_proj``: :func:`core_inputs`,
     causal attention; ``[B, S, heads * v_dim]``."""
-    batch, seq = q.shape[:2]
     out = F.scaled_dot_product_attention(*core_inputs(q, kv, k_pe, cos, sin, heads, nope_dim, rope_dim, v_dim),
                                          is_causal=True, scale=scale)
+    return merge_heads(out, v_dim)
+
+
+def merge_heads(out: torch.Tensor, v_dim: int) -> torch.Tensor:
+    """The core's output ``[B, heads, S, dim]`` (values padded to ``dim``) -> ``[B, S, heads * v_dim]``."""
+    batch, heads, seq = out.shape[:3]
     return out[..., :v_dim].transpose(1, 2).reshape(batch, seq, heads * v_dim)
 
 

@@ -191,12 +191,6 @@ def pad_cols(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
-def fprop(x2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
-    """``x2 [T, K] @ W^T`` (W quantized ``[Np, K]``, N padded): fp32 ``[T, Np]``."""
-    qx, sx = quantize_tiles(x2)
-    return fp8_matmul(qx, sx, qw, sw)
-
-
 def dgrad(g2: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """``dy [T, N] @ W`` (W quantized ``[Np, K]``): dy in 1x128 tiles along N, W^T's blocks. fp32 ``[T, K]``."""
     qg, sg = quantize_tiles(pad_cols(g2))

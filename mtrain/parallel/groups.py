@@ -186,14 +186,13 @@ class CollectiveTimeout:
         self._done = False
 
     @classmethod
-    def from_config(cls, train, groups: Callable[[], Iterable] = tuple) -> "CollectiveTimeout":
+    def from_config(cls, train) -> "CollectiveTimeout":
         from mtrain.config.validate import ConfigError
 
         errors = timeout_errors(train)
         if errors:
             raise ConfigError(errors)
-        return cls(train.collective_timeout_s, train.collective_timeout_startup_s,
-                   train.collective_timeout_floor_s, groups)
+        return cls(train.collective_timeout_s, train.collective_timeout_startup_s, train.collective_timeout_floor_s)
 
     def step_done(self, seconds: float, watchdog_s: Optional[float] = None) -> None:
         """Record a step of ``seconds`` (with every collective of it) and size

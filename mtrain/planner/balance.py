@@ -18,7 +18,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from mtrain.model.partition import stage_roles
+from mtrain.model.partition import stage_layers, stage_roles
 from mtrain.pipeline.schedule_rules import num_model_stages
 from mtrain.planner.costs import op_costs
 from mtrain.planner.hardware import Hardware, hardware
@@ -26,8 +26,8 @@ from mtrain.planner.plan import make_plan
 from mtrain.planner.predict import predict, setting
 
 
-def _seconds(cfg, hw: Hardware, layers: list[int], role: dict) -> float:
-    c = op_costs(cfg.model, setting(cfg, hw), {"layers": layers, **role}, hw)
+def _seconds(cfg, hw: Hardware, s, layers: list[int], role: dict) -> float:
+    c = op_costs(cfg.model, s, {"layers": layers, **role}, hw)
     return c["F"] + c["B"]
 
 
@@ -35,14 +35,14 @@ def balanced_layout(cfg, hw: Optional[Hardware] = None) -> list[int]:
     """Layer counts per model stage minimising the slowest stage's predicted
     forward + backward time on ``cfg.cluster`` (ties: the earliest split)."""
     hw = hw or hardware(cfg.cluster)
-    m = cfg.model
+    m, s = cfg.model, setting(cfg, hw)
     stages = num_model_stages(str(cfg.parallel.schedule), cfg.parallel.pp)
     roles = stage_roles(stages, has_mtp=m.mtp_depth > 0)
     bare = {"embedding": False, "head": False, "mtp": False}
-    extra = [_seconds(cfg, hw, [], role) for role in roles]
+    extra = [_seconds(cfg, hw, s, [], role) for role in roles]
     prefix = [0.0]
     for layer in range(m.num_layers):
-        prefix.append(prefix[-1] + _seconds(cfg, hw, [layer], bare))
+        prefix.append(prefix[-1] + _seconds(cfg, hw, s, [layer], bare))
     n = m.num_layers
     # slowest[s][i]: the least possible slowest-stage time of stages 0..s-1 holding layers 0..i-1.
     inf = float("inf")
@@ -76,8 +76,9 @@ def balanced_prediction(cfg, hw: Optional[Hardware] = None) -> Optional[dict]:
     if cfg.parallel.pp == 1:
         return None
     layout = balanced_layout(cfg, hw)
-    current = make_plan(cfg, hw.world_size)
-    if current["errors"] or [len(s["layers"]) for s in current["stages"]] == layout:
+    stages = num_model_stages(str(cfg.parallel.schedule), cfg.parallel.pp)
+    current = stage_layers(cfg.model.num_layers, stages, cfg.parallel.pipeline_layout)
+    if [len(layers) for layers in current] == layout:
         return None
     balanced = with_layout(cfg, layout)
     plan = make_plan(balanced, hw.world_size)

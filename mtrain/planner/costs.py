@@ -41,7 +41,6 @@ from mtrain.planner.hardware import LINK_LATENCY_S, Hardware
 from mtrain.planner.traffic import destinations
 
 ATTENTION_BACKWARD = 2.5  # backward / forward FLOPs of the fused attention core
-ROUTED_EXPERTS_FP8 = True  # the routed experts' GEMMs follow train.fp8 as the linears do
 
 
 @dataclass
@@ -162,8 +161,8 @@ def op_costs(m, s: Setting, stage: dict, hw: Hardware) -> dict:
     exchange parts ``F_comm``/``B_comm`` and a breakdown for explanations."""
     w = stage_work(m, s, stage)
     linear_rate = hw.fp8_flops if s.fp8 else hw.bf16_flops
-    routed_rate = linear_rate if ROUTED_EXPERTS_FP8 else hw.bf16_flops
-    gemm = w.linear_flops / linear_rate + w.routed_flops / routed_rate + w.bf16_flops / hw.bf16_flops
+    # The routed experts' GEMMs follow train.fp8 as the linears do.
+    gemm = (w.linear_flops + w.routed_flops) / linear_rate + w.bf16_flops / hw.bf16_flops
     attention = w.attention_flops / hw.attention_flops
     memory = w.memory_bytes / hw.memory_bw
     tp = 0.0

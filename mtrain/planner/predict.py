@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from mtrain.config.schema import resolve_dtype
-from mtrain.model.stats import BYTES_PER_PARAM, rank_params
+from mtrain.model.stats import ACTIVATION_BYTES, BYTES_PER_PARAM, rank_params
 from mtrain.parallel.env import ep_nodes
 from mtrain.pipeline.instructions import Overlap
 from mtrain.pipeline.simulate import simulate
@@ -17,7 +17,6 @@ from mtrain.planner.hardware import LINK_LATENCY_S, Hardware, hardware
 from mtrain.planner.plan import make_plan
 
 COST_KEYS = ("F", "B", "W", "F_comm", "B_comm")
-GRAD_BYTES = {"fp32": 4, "bf16": 2}
 OPTIMIZER_PASSES = 2  # AdamW reads and writes its states, master weights and gradients once each
 
 
@@ -53,7 +52,7 @@ def grad_sync_seconds(cfg, plan: dict, hw: Hardware) -> tuple[float, float]:
     all-reduce), over dp for the dense parameters and expert_dp for the experts."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dtype = plan["dtype"]
-    grad_bytes = GRAD_BYTES[str(p.grad_reduce_dtype)]
+    grad_bytes = ACTIVATION_BYTES[str(p.grad_reduce_dtype)]  # bytes per element of that dtype
     per_param = BYTES_PER_PARAM[dtype]
     dp_ranks, edp_ranks = plan["groups"]["dp"][0], plan["groups"]["expert_dp"][0]
     worst_sync = worst_opt = 0.0
@@ -159,7 +158,7 @@ def predict(cfg, calibration: Optional[dict] = None, plan: Optional[dict] = None
         "memory": memory, "hbm_bytes": hw.hbm_bytes, "fits": all(r["fits"] for r in memory),
         "stage_costs": [{k: c[k] for k in COST_KEYS} for c in stage_costs],
         "breakdown": [c["breakdown"] for c in estimated],
-        "traffic": estimated[0]["traffic"] or next((c["traffic"] for c in estimated if c["traffic"]), {}),
+        "traffic": estimated[0]["traffic"],  # the same for every stage
         "simulation": sim,
     }
 

@@ -106,20 +106,18 @@ def search(cfg, progress: Optional[Callable[[int, int], None]] = None) -> dict:
             continue
         result = predict(c, plan=make_plan(c, world))
         result.pop("simulation")
-        result["config"] = c
-        feasible.append(result)
-    feasible.sort(key=lambda r: -r["tokens_per_s_per_gpu"])
+        feasible.append((c, result))
+    speed = lambda pair: -pair[1]["tokens_per_s_per_gpu"]  # noqa: E731
+    feasible.sort(key=speed)
     if cfg.parallel.pipeline_layout is None:
-        for i, result in enumerate(feasible[:2 * cfg.plan.top]):
-            balanced = balanced_prediction(result["config"], hw)
+        for i, (c, result) in enumerate(feasible[:2 * cfg.plan.top]):
+            balanced = balanced_prediction(c, hw)
             if balanced and balanced["fits"] and balanced["tokens_per_s_per_gpu"] > result["tokens_per_s_per_gpu"]:
                 balanced.pop("simulation")
-                feasible[i] = balanced
-        feasible.sort(key=lambda r: -r["tokens_per_s_per_gpu"])
-    for result in feasible:
-        result.pop("config", None)
+                feasible[i] = (c, balanced)
+        feasible.sort(key=speed)
     return {"considered": len(all_candidates), "refused": rejected, "too_big": too_big,
-            "ranked": feasible, "hardware": hw.name, "world_size": world}
+            "ranked": [result for _, result in feasible], "hardware": hw.name, "world_size": world}
 
 
 def stderr_progress(i: int, n: int) -> None:
